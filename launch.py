@@ -1,0 +1,80 @@
+"""Run on-policy distillation.
+
+    python launch.py [--config-name NAME_OR_PATH] [key=value ...]
+
+Reads conf/default.yaml unless told otherwise. The config is parsed and checked
+before anything heavy is imported, so a typo fails in well under a second.
+Joins the Ray cluster at `ray.address` / RAY_ADDRESS if set, else starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-name", default="default", help="a file under conf/ (without .yaml) or a path")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=3e-5 teachers.0.model=org/m")
+    args = parser.parse_args(argv)
+    return args.config_name, args.overrides
+
+
+def local_cpus(cfg) -> int:
+    """Logical CPUs a local Ray needs so that every actor of the plan can be placed."""
+    need = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_shards * cfg.learner.cpus_per_shard
+    need += sum(t.replicas * t.cpus_per_replica for t in cfg.teachers)
+    return max(int(need + 0.999), os.cpu_count() or 1)
+
+
+def main(argv: list[str]) -> dict:
+    from opd.config import ConfigError, load_config, to_dict, to_yaml
+
+    config_name, overrides = parse_args(argv)
+    try:
+        cfg = load_config(config_name, overrides)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+
+    # Heavy imports only once the config is known to be good.
+    import ray
+
+    from opd.assets import resolve
+    from opd.controller import Controller
+    from opd.data import DataError, load_prompts
+    from opd.monitoring import Monitor
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    student = resolve(cfg.student.model, cfg.cache_dir)
+    teachers = {t.name: resolve(t.model, cfg.cache_dir) for t in cfg.teachers}
+    try:
+        train, skipped_train = load_prompts(resolve(cfg.data.train, cfg.cache_dir), cfg.data.on_error)
+        evals, skipped_eval = load_prompts(resolve(cfg.data.eval, cfg.cache_dir), cfg.data.on_error)
+    except DataError as err:
+        sys.exit(f"data error: {err}")
+    if skipped_train or skipped_eval:
+        print(f"skipped {skipped_train} train and {skipped_eval} eval lines (data.on_error=skip)", flush=True)
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}}
+    if address:
+        ray.init(address=address, runtime_env=env)
+    else:
+        ray.init(num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
+    monitor = Monitor(cfg.output_dir, to_dict(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.group, cfg.wandb.name)
+    try:
+        controller = Controller(cfg, student, teachers, train, evals, monitor)
+        controller.setup()
+        return controller.run()
+    except DataError as err:
+        sys.exit(f"data error: {err}")
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,298 @@
+"""The run's configuration: one structured schema holding every default.
+
+YAML files in `conf/` only override it, and `key=value` arguments override those.
+Everything here is plain stdlib + omegaconf, so a bad key, type or path is reported
+in well under a second, before Ray, torch or vLLM are imported.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+BUILTIN = "builtin:"
+LOSSES = ("reverse_kl", "jsd", "topk_kl", "sft")
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message names the key."""
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings shared by rollout workers and vLLM teachers."""
+
+    dtype: str = "auto"
+    """Weights dtype inside vLLM; `auto` keeps the checkpoint's."""
+    max_model_len: int = 256
+    """Longest prompt + response the engine accepts."""
+    gpu_memory_utilization: float = 0.1
+    """Fraction of device memory vLLM may take (on CPU: of a NUMA node's RAM)."""
+    enforce_eager: bool = True
+    """Skip CUDA graph capture; start-up matters more than decode speed for small models."""
+    tensor_parallel_size: int = 1
+    cpu_kv_cache_gib: int = 1
+    """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
+
+
+@dataclass
+class StudentConfig:
+    model: str = f"{BUILTIN}addition-student"
+    """Hugging Face id or local checkpoint dir; `builtin:addition-student` is built on first use."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "teacher"
+    model: str = f"{BUILTIN}addition-teacher"
+    backend: Literal["vllm", "transformers"] = "vllm"
+    """vllm: top-k log-probs via prompt_logprobs (temperature 1). transformers: full logits."""
+    weight: float = 1.0
+    replicas: int = 1
+    gpus_per_replica: float = 0
+    cpus_per_replica: float = 1
+
+
+@dataclass
+class DataConfig:
+    train: str = f"{BUILTIN}addition/train"
+    """JSONL file with a `prompt` field per line (and optional `answer`)."""
+    eval: str = f"{BUILTIN}addition/eval"
+    eval_size: int = 128
+    """Held-out prompts used for accuracy and reverse KL (the first N of `data.eval`)."""
+    on_error: Literal["skip", "fail"] = "fail"
+    """What to do with a malformed line: skip it (counted) or stop naming file and line."""
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 2
+    prompts_per_round: int = 64
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    gpus_per_worker: float = 0
+    """GPUs each rollout worker reserves (vLLM tensor parallel size on a GPU cluster)."""
+    cpus_per_worker: float = 1
+    weight_sync: Literal["auto", "gloo", "nccl"] = "auto"
+    """Learner -> rollout transport: auto is nccl when rollout workers have GPUs, else gloo (CPU)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class LearnerConfig:
+    num_shards: int = 2
+    zero_stage: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    micro_batch_size: int = 32
+    """Sequences per forward/backward on one shard."""
+    mini_batches: int = 1
+    """Optimizer steps per round: the round's samples are split into this many batches."""
+    grad_clip: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
+    bf16: bool = True
+    """Train in bf16 on GPUs (CPU always trains in fp32)."""
+    gpus_per_shard: float = 0
+    """GPUs each shard's actor reserves; 1 on a GPU cluster."""
+    cpus_per_shard: float = 1
+
+
+@dataclass
+class LossConfig:
+    type: str = "reverse_kl"
+    """One of reverse_kl, jsd, topk_kl, sft."""
+    beta: float = 0.5
+    """Generalized JSD interpolation: 0 is forward KL, 1 is reverse KL."""
+    top_k: int = 8
+    """Teacher alternatives kept per token (top-k KL / JSD on top-k logits)."""
+    is_cap: float = 2.0
+    """Cap on the importance weight between the learner and the sampling policy."""
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = 65536
+    """Samples held at most; the oldest are evicted first."""
+    max_staleness: int = 1
+    """Samples generated more than this many policy versions ago are never trained on."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5
+    """Evaluate every N rounds (and always before the first and after the last)."""
+    samples_per_prompt: int = 2
+    """Student samples per eval prompt for the reverse-KL estimate."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "opd"
+    group: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Existing cluster to join (or set RAY_ADDRESS); a local one is started otherwise."""
+
+
+@dataclass
+class OPDConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher_engine: EngineConfig = field(default_factory=EngineConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mode: Literal["on_policy", "offline"] = "on_policy"
+    """on_policy: the student samples, the teacher scores. offline: the teacher samples, the student imitates."""
+    rounds: int = 30
+    output_dir: str = "outputs/default"
+    cache_dir: str = "outputs/cache"
+    """Where built-in models and data are built once and reused."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def check(cfg: OPDConfig) -> None:
+    """Cross-field invariants; each message names the key and why."""
+    if cfg.loss.type not in LOSSES:
+        raise ConfigError(f"loss.type={cfg.loss.type!r} is not one of {', '.join(LOSSES)}")
+    if cfg.mode == "offline" and cfg.loss.type != "sft":
+        raise ConfigError("mode=offline trains on teacher samples, so it needs loss.type=sft")
+    if cfg.mode == "on_policy" and cfg.loss.type == "sft":
+        raise ConfigError("loss.type=sft imitates teacher samples; use it with mode=offline")
+    if not 0.0 <= cfg.loss.beta <= 1.0:
+        raise ConfigError(f"loss.beta={cfg.loss.beta} must lie in [0, 1]")
+    if not cfg.teachers:
+        raise ConfigError("teachers is empty: at least one teacher is needed")
+    names = [t.name for t in cfg.teachers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teachers: names must be unique, got {names}")
+    if len(cfg.teachers) > 1:
+        raise ConfigError("teachers: more than one teacher needs a combine rule, which this version lacks")
+    for i, t in enumerate(cfg.teachers):
+        if t.backend == "vllm" and cfg.rollout.temperature != 1.0 and cfg.mode == "on_policy":
+            raise ConfigError(
+                f"teachers.{i}.backend=vllm scores at temperature 1 (vLLM prompt log-probs skip temperature), "
+                f"but rollout.temperature={cfg.rollout.temperature}; use backend=transformers or temperature 1"
+            )
+        if t.replicas < 1:
+            raise ConfigError(f"teachers.{i}.replicas must be >= 1")
+    positive = {
+        "rounds": cfg.rounds,
+        "rollout.num_workers": cfg.rollout.num_workers,
+        "rollout.prompts_per_round": cfg.rollout.prompts_per_round,
+        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "learner.num_shards": cfg.learner.num_shards,
+        "learner.micro_batch_size": cfg.learner.micro_batch_size,
+        "learner.mini_batches": cfg.learner.mini_batches,
+        "loss.top_k": cfg.loss.top_k,
+        "eval.every": cfg.eval.every,
+        "data.eval_size": cfg.data.eval_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.rollout.temperature < 0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
+    if cfg.learner.lr <= 0:
+        raise ConfigError(f"learner.lr={cfg.learner.lr} must be > 0")
+    if cfg.learner.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
+    batch = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
+    step = cfg.learner.mini_batches * cfg.learner.num_shards
+    if batch % step:
+        raise ConfigError(
+            f"a round makes {batch} samples (rollout.prompts_per_round x samples_per_prompt), which must split "
+            f"evenly into learner.mini_batches={cfg.learner.mini_batches} x learner.num_shards={cfg.learner.num_shards}"
+        )
+
+
+_ABSENT = object()
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_paths(cfg: OPDConfig) -> None:
+    """Local paths must exist; `builtin:` names are built later; `org/name` may be a hub id."""
+    models = {"student.model": cfg.student.model}
+    models |= {f"teachers.{i}.model": t.model for i, t in enumerate(cfg.teachers)}
+    for key, value in models.items():
+        if value.startswith(BUILTIN):
+            if value.removeprefix(BUILTIN) not in ("addition-student", "addition-teacher"):
+                raise ConfigError(f"{key}={value}: unknown built-in; use builtin:addition-student or -teacher")
+        elif not Path(value).exists() and not _HUB_ID.match(value):
+            raise ConfigError(f"{key}={value}: no such directory, and not a hub id like org/name")
+        elif Path(value).exists() and not (Path(value) / "config.json").exists():
+            raise ConfigError(f"{key}={value}: directory has no config.json, so it is not a model checkpoint")
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        if value.startswith(BUILTIN):
+            if value.removeprefix(BUILTIN) not in ("addition/train", "addition/eval"):
+                raise ConfigError(f"data.{key}={value}: unknown built-in; use builtin:addition/train or /eval")
+        elif not Path(value).is_file():
+            raise ConfigError(f"data.{key}={value}: no such file")
+
+
+def resolve_config_file(name: str) -> Path:
+    """`--config-name` may be a path or a name under conf/ (with or without .yaml)."""
+    for candidate in (Path(name), CONF_DIR / name, CONF_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"--config-name={name}: no such file here or in {CONF_DIR}")
+
+
+def load_config(config_name: str = "default", overrides: list[str] | None = None) -> OPDConfig:
+    """Merge schema <- YAML <- `key=value` overrides, validate, and return plain dataclasses."""
+    overrides = overrides or []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+    schema = OmegaConf.structured(OPDConfig)
+    path = resolve_config_file(config_name)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.load(path))
+        for item in overrides:
+            # One at a time, so `teachers.0.model=...` indexes the list instead of replacing it with a dict.
+            key, value = item.split("=", 1)
+            if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
+                raise ConfigError(f"{key}: no such key (override {item!r})")
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]} (config {path})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{err} (config {path})") from None
+    check_paths(cfg)
+    return cfg
+
+
+def to_yaml(cfg: OPDConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: OPDConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+__all__ = ["MISSING", "ConfigError", "OPDConfig", "load_config", "to_dict", "to_yaml"]

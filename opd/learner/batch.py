@@ -1,0 +1,45 @@
+"""Turn samples into padded tensors the learner trains on (pure; no Ray, no DeepSpeed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from opd.buffer.sample import Sample
+
+
+def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+response sequences; per-token fields are aligned to *targets*.
+
+    `input_ids` is [B, L]; every other per-token tensor is [B, L-1] and entry t belongs
+    to token t+1 (the one logits[:, t] predicts), so losses never shift again.
+    `mask` is 1 on response tokens only.
+    """
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    width = max(lengths)
+    n = len(samples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    shape = (n, width - 1)
+    mask = torch.zeros(shape)
+    old_lp = torch.zeros(shape)
+    teacher_lp = torch.zeros(shape)
+    topk_ids = torch.zeros((*shape, top_k), dtype=torch.long)
+    topk_lp = torch.full((*shape, top_k), float("-inf"))
+    has_teacher = all(s.teacher_logprobs is not None for s in samples)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        input_ids[i, : p + r] = torch.from_numpy(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))
+        attention[i, : p + r] = 1
+        span = slice(p - 1, p - 1 + r)
+        mask[i, span] = 1.0
+        old_lp[i, span] = torch.from_numpy(np.asarray(s.logprobs, dtype=np.float32))
+        if has_teacher:
+            teacher_lp[i, span] = torch.from_numpy(s.teacher_logprobs)
+            k = min(top_k, s.teacher_topk_ids.shape[1])
+            topk_ids[i, span, :k] = torch.from_numpy(s.teacher_topk_ids[:, :k])
+            topk_lp[i, span, :k] = torch.from_numpy(s.teacher_topk_logprobs[:, :k])
+    batch = {"input_ids": input_ids, "attention_mask": attention, "mask": mask, "old_logprobs": old_lp}
+    if has_teacher:
+        batch |= {"teacher_logprobs": teacher_lp, "topk_ids": topk_ids, "topk_logprobs": topk_lp}
+    return batch

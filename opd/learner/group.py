@@ -1,0 +1,46 @@
+"""Spawn the learner's shards and address them as one."""
+
+from __future__ import annotations
+
+import ray
+
+from opd.buffer.sample import Sample
+from opd.learner.shard import LearnerShard
+from opd.partition import chunks
+
+
+def mean_metrics(per_shard: list[dict[str, float]]) -> dict[str, float]:
+    keys = per_shard[0].keys()
+    return {k: sum(m[k] for m in per_shard) / len(per_shard) for k in keys}
+
+
+class LearnerGroup:
+    """`learner.num_shards` DeepSpeed ranks: rank 0 first (it picks the rendezvous), then the rest."""
+
+    def __init__(self, model: str, cfg, loss_cfg, temperature: float, samples_per_step: int) -> None:
+        actor = ray.remote(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard)(LearnerShard)
+        n = cfg.num_shards
+        self.shards = [actor.remote(rank, n, model, cfg, loss_cfg, temperature) for rank in range(n)]
+        address, port = ray.get(self.shards[0].rendezvous.remote())
+        ray.get([s.setup.remote(address, port, samples_per_step // n) for s in self.shards])
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """One optimizer step over `samples`, split evenly across shards."""
+        parts = chunks(samples, len(self.shards))
+        return mean_metrics(ray.get([s.train_step.remote(p) for s, p in zip(self.shards, parts, strict=True)]))
+
+    def connect_rollout(self, rollout_handles: list, ranks_per_engine: int, backend: str) -> None:
+        """Form the weight-transfer group: learner rank 0 plus every rank of every rollout engine."""
+        address, port = ray.get(self.shards[0].rendezvous.remote())
+        world = 1 + ranks_per_engine * len(rollout_handles)
+        ray.get([s.init_weight_transfer.remote(address, port, world, rollout_handles, backend) for s in self.shards])
+
+    def send_weights(self) -> dict[str, float]:
+        return ray.get([s.send_weights.remote() for s in self.shards])[0]
+
+    def save(self, path: str) -> None:
+        ray.get([s.save.remote(path) for s in self.shards])
+
+    def token_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        # A ZeRO-3 forward pass is a collective: every shard runs it, rank 0's answer is kept.
+        return ray.get([s.token_logprobs.remote(prompt_ids, response_ids) for s in self.shards])[0]

@@ -1,0 +1,81 @@
+"""Named training objectives: each turns (student logits, batch) into a loss.
+
+The learner is algorithm-blind: it computes logits and calls the objective named by
+`loss.type`. Objectives only combine the pure functions in `opd.losses`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from opd import losses
+
+Objective = Callable[[torch.Tensor, dict[str, torch.Tensor], object, float], tuple[torch.Tensor, dict[str, float]]]
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(name: str) -> Callable[[Objective], Objective]:
+    def add(fn: Objective) -> Objective:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES[name] = fn
+        return fn
+
+    return add
+
+
+def get(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown loss.type {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["input_ids"][:, 1:]
+
+
+def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+@register("reverse_kl")
+def reverse_kl(logits, batch, cfg, temperature):
+    """On-policy distillation: per-token reverse KL to the teacher as the advantage of an IS policy gradient."""
+    mask = batch["mask"]
+    logprobs = losses.token_logprobs(logits, _targets(batch), temperature)
+    adv = losses.reverse_kl_advantage(batch["teacher_logprobs"], batch["old_logprobs"], mask)
+    loss, metrics = losses.policy_gradient_loss(logprobs, batch["old_logprobs"], adv, mask, cfg.is_cap)
+    metrics["reverse_kl"] = -_mean(adv, mask)
+    metrics["sampler_learner_logprob_gap"] = _mean((logprobs.detach() - batch["old_logprobs"]).abs(), mask)
+    return loss, metrics
+
+
+def _topk_student_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """Student logits at the teacher's top-k ids; padded slots get -inf like the teacher's."""
+    gathered = (logits / temperature).gather(-1, batch["topk_ids"])
+    return gathered.masked_fill(torch.isinf(batch["topk_logprobs"]), float("-inf"))
+
+
+@register("jsd")
+def jsd(logits, batch, cfg, temperature):
+    """Generalized JSD (GKD) between student and teacher, renormalised over the teacher's top-k."""
+    mask = batch["mask"]
+    student = _topk_student_logits(logits, batch, temperature)
+    loss = losses.generalized_jsd(student, batch["topk_logprobs"], cfg.beta, 1.0, mask)
+    return loss, {"jsd": float(loss.detach())}
+
+
+@register("topk_kl")
+def topk_kl(logits, batch, cfg, temperature):
+    """Forward KL on the teacher's top-k with the remaining mass in one bucket."""
+    loss = losses.topk_kl(logits / temperature, batch["topk_ids"], batch["topk_logprobs"], batch["mask"])
+    return loss, {"topk_kl": float(loss.detach())}
+
+
+@register("sft")
+def sft(logits, batch, cfg, temperature):
+    """Cross-entropy on teacher-written tokens (offline KD, corrections)."""
+    loss = losses.sft_on_teacher(logits, _targets(batch), batch["mask"])
+    return loss, {"sft_nll": float(loss.detach())}

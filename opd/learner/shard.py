@@ -1,0 +1,179 @@
+"""One DeepSpeed ZeRO data-parallel rank of the student, run as a Ray actor (one per device)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import torch
+from vllm.distributed.weight_transfer import ParamMeta, WeightSource
+
+from opd.buffer.sample import Sample
+from opd.learner import objective
+from opd.learner.batch import collate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class ZeroWeightSource(WeightSource):
+    """The student's weights as vLLM's transfer engines want them, one decoder layer at a time.
+
+    Under ZeRO-3 each parameter is partitioned across ranks; gathering a whole layer per
+    step is a collective every rank joins, so memory stays bounded by one layer and the
+    wire sees layer-sized messages.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.params = dict(module.named_parameters())
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.params.items()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for names, tensors in self.iter_groups():
+            yield from zip(names, tensors, strict=True)
+
+    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        import deepspeed
+
+        for names in self.groups():
+            params = [self.params[n] for n in names]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield names, [p.data for p in params]
+
+
+class LearnerShard:
+    """Trains its slice of every batch; rank 0 also publishes weights to the rollout workers."""
+
+    def __init__(self, rank: int, world_size: int, model: str, learner_cfg, loss_cfg, temperature: float) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.model_path, self.cfg, self.loss_cfg, self.temperature = model, learner_cfg, loss_cfg, temperature
+        self.step = 0
+        self.transfer = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 names the address every rank meets at."""
+        return node_address(), free_port()
+
+    def setup(self, address: str, port: int, samples_per_shard: int) -> int:
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank))
+        os.environ.update(WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        cuda = torch.cuda.is_available()
+        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
+        self.accum = math.ceil(samples_per_shard / self.cfg.micro_batch_size)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            "gradient_accumulation_steps": self.accum,
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "bf16": {"enabled": cuda and self.cfg.bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        if self.cfg.zero_stage == 3:
+            # Keeps ds_config alive so from_pretrained partitions while loading (zero.Init):
+            # a model larger than one device never materialises whole.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        optim = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
+        return self.rank
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """One optimizer step on this shard's slice: `accum` micro-batches, then DeepSpeed's all-reduce/step."""
+        t0 = time.perf_counter()
+        loss_fn = objective.get(self.loss_cfg.type)
+        mbs = self.cfg.micro_batch_size
+        chunks = [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
+        if len(chunks) != self.accum:
+            raise ValueError(f"shard {self.rank} got {len(samples)} samples, set up for {self.accum} micro-batches")
+        total_tokens = sum(s.num_tokens for s in samples)
+        sums: dict[str, float] = {}
+        for chunk in chunks:
+            batch = {
+                k: v.to(self.engine.device)
+                for k, v in collate(chunk, self.tokenizer.pad_token_id, self.loss_cfg.top_k).items()
+            }
+            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            loss, metrics = loss_fn(logits.float(), batch, self.loss_cfg, self.temperature)
+            # Objectives average over their micro-batch's tokens; reweight so the step is a
+            # token mean over the whole shard batch (DeepSpeed divides by `accum` itself).
+            weight = sum(s.num_tokens for s in chunk) / total_tokens * self.accum
+            self.engine.backward(loss * weight)
+            self.engine.step()
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v * weight / self.accum
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        sums |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        sums |= {"learner_step_s": time.perf_counter() - t0, "tokens": float(total_tokens)}
+        return sums
+
+    def init_weight_transfer(self, address: str, port: int, world_size: int, rollout_handles: list, backend: str):
+        """Join the learner->rollout transfer group (rank 0 sends; other ranks only help gather)."""
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+
+        from opd.rollout import weight_sync
+
+        if backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo as InitInfo
+        else:
+            InitInfo = weight_sync.GlooTrainerInitInfo
+        ranks_per_engine = (world_size - 1) // max(len(rollout_handles), 1)
+        client = weight_sync.RolloutGroupClient(rollout_handles, ranks_per_engine)
+        info = InitInfo(address, port, world_size, rank=self.rank)
+        self.transfer = WeightTransferTrainerFactory.trainer_init(
+            info, client=client, source=ZeroWeightSource(self.engine.module)
+        )
+
+    def send_weights(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.transfer.send_weights()
+        numel = sum(math.prod(m.shape) for m in self.transfer.source.metadata())
+        return {"weight_sync_s": time.perf_counter() - t0, "weight_sync_params": float(numel), "version": self.step}
+
+    def token_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """The learner's own log-probs of given responses (tests compare them with the rollout engines')."""
+        from opd.losses import token_logprobs
+
+        samples = [
+            Sample(torch.tensor(p).numpy(), torch.tensor(r).numpy(), torch.zeros(len(r)).numpy(), 0)
+            for p, r in zip(prompt_ids, response_ids, strict=True)
+        ]
+        batch = collate(samples, self.tokenizer.pad_token_id, 1)
+        with torch.no_grad():
+            ids = batch["input_ids"].to(self.engine.device)
+            logits = self.engine(input_ids=ids, attention_mask=batch["attention_mask"].to(ids.device)).logits[:, :-1]
+            lp = token_logprobs(logits.float(), ids[:, 1:]).cpu()
+        return [lp[i][batch["mask"][i] > 0].tolist() for i in range(len(samples))]
+
+    def save(self, path: str) -> None:
+        """Write a Hugging Face checkpoint of the full (gathered) student; rank 0 writes."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.rank == 0:
+                state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+                self.engine.module.save_pretrained(path, state_dict=state)
+                self.tokenizer.save_pretrained(path)

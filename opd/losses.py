@@ -1,0 +1,176 @@
+"""Distillation losses as pure tensor functions (torch only, no project imports).
+
+Conventions shared by every function here:
+
+* ``logits`` are ``[B, T, V]`` and already aligned, so position ``t`` scores token ``t`` (the caller has shifted).
+* ``mask`` is ``[B, T]`` (float or bool), 1 on response tokens and 0 elsewhere.
+* A loss reduces to a scalar as a token mean over the mask: ``sum(x * mask) / clamp(sum(mask), min=1)``.
+  Values at masked-out positions are zeroed with ``torch.where`` first, so padding that produces ``inf``/``nan``
+  there cannot leak into the result.
+* Logits are upcast to float32 before any softmax: bf16 log-probs are too coarse for importance ratios and KLs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "generalized_jsd",
+    "masked_mean",
+    "policy_gradient_loss",
+    "reverse_kl_advantage",
+    "sft_on_teacher",
+    "token_logprobs",
+    "topk_kl",
+]
+
+_EPS = 1e-8
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Token mean of ``x`` ``[B, T]`` over ``mask`` ``[B, T]`` -> scalar; plain mean when ``mask`` is None.
+
+    Masked-out entries are replaced by 0 before weighting, so ``inf``/``nan`` at padding positions is harmless, and the
+    denominator is clamped at 1 so an all-padding batch gives 0 instead of ``nan``.
+    """
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    x = torch.where(m > 0, x, torch.zeros_like(x))
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _kl_from_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` summed over the last dim, from log-probs ``[..., V]`` -> ``[...]``.
+
+    Entries with ``p == 0`` (``log_p == -inf``) contribute exactly 0 (and a zero gradient), where the naive
+    ``exp(log_p) * (log_p - log_q)`` would give ``0 * inf = nan``.
+    """
+    support = torch.isfinite(log_p)
+    safe_log_p = torch.where(support, log_p, torch.zeros_like(log_p))
+    term = torch.exp(safe_log_p) * (safe_log_p - log_q)
+    return torch.where(support, term, torch.zeros_like(term)).sum(dim=-1)
+
+
+def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of ``ids`` ``[B, T]`` under ``log_softmax(logits / temperature)`` (``logits`` ``[B, T, V]``).
+
+    Returns float32 ``[B, T]``. Computed as ``gather - logsumexp`` so the full ``[B, T, V]`` log-softmax is never kept;
+    the temperature must match the one the sampler used, or the importance ratios are biased.
+    """
+    scaled = logits.float() / temperature
+    picked = scaled.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+def reverse_kl_advantage(teacher_logprobs: Tensor, student_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-token advantage ``(teacher_logprobs - student_logprobs) * mask``, detached, ``[B, T]``.
+
+    On tokens the student sampled itself, ``log p_teacher - log p_student`` is a single-sample estimate of the negative
+    reverse KL ``-KL(student || teacher)`` at that token; used as a per-token reward in a policy gradient it gives
+    on-policy distillation (Thinking Machines "On-Policy Distillation"; Qwen3). Detached because it is a reward, not a
+    path for gradients. Masked positions are exactly 0 even if the log-probs there are ``-inf``.
+    """
+    adv = (teacher_logprobs.float() - student_logprobs.float()).detach()
+    m = mask.to(adv.dtype)
+    return torch.where(m > 0, adv, torch.zeros_like(adv)) * m
+
+
+def policy_gradient_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, is_cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance-sampled policy-gradient loss; all inputs ``[B, T]``, returns ``(scalar loss, metrics)``.
+
+    ``w = exp(logprobs - old_logprobs).detach().clamp(max=is_cap)`` corrects for the rollout policy (``old_logprobs``,
+    e.g. a slightly stale vLLM copy) differing from the learner; truncating it at ``is_cap`` bounds the variance (TIS).
+    The loss is the token mean of ``-(w * advantages * logprobs)``, so its gradient w.r.t. ``logprobs`` is
+    ``-w * A * mask / num_tokens``. ``advantages`` are treated as constants (detached).
+
+    Metrics (python floats, over masked tokens): ``is_weight_mean`` is the mean of the applied (truncated) weight,
+    ``is_clipped_frac`` the fraction of tokens whose raw ratio exceeded ``is_cap``.
+    """
+    ratio = torch.exp(logprobs.detach().float() - old_logprobs.detach().float())
+    w = ratio.clamp(max=is_cap)
+    loss = masked_mean(-(w * advantages.detach().float() * logprobs.float()), mask)
+    with torch.no_grad():
+        metrics = {
+            "is_weight_mean": masked_mean(w, mask).item(),
+            "is_clipped_frac": masked_mean((ratio > is_cap).float(), mask).item(),
+        }
+    return loss, metrics
+
+
+def generalized_jsd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), as TRL's ``GKDTrainer.generalized_jsd_loss``.
+
+    ``student_logits`` and ``teacher_logits`` are ``[B, T, V]``; both are divided by ``temperature`` and
+    log-softmaxed over the last dim. ``beta == 0`` gives forward ``KL(teacher || student)`` (mode covering),
+    ``beta == 1`` reverse ``KL(student || teacher)`` (mode seeking); otherwise, with the mixture
+    ``m = (1 - beta) * student + beta * teacher``, ``jsd = beta * KL(teacher || m) + (1 - beta) * KL(student || m)``.
+    Summed over the last dim per token, then token mean over ``mask`` (plain mean over all tokens when None).
+
+    The last dim may also be gathered top-k logits ``[B, T, K]`` (the same K ids for both models); the result is then
+    the divergence between the two distributions renormalised over those K entries, not the full-vocab divergence.
+    ``-inf`` logits (zero probability) are allowed and contribute 0 where they are in the first argument of a KL.
+    """
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if beta == 0:
+        jsd = _kl_from_logprobs(t, s)
+    elif beta == 1:
+        jsd = _kl_from_logprobs(s, t)
+    else:
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
+        jsd = beta * _kl_from_logprobs(t, log_m) + (1.0 - beta) * _kl_from_logprobs(s, log_m)
+    return masked_mean(jsd, mask)
+
+
+def topk_kl(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Forward ``KL(teacher || student)`` over the teacher's top-k ids plus one "rest" bucket -> scalar.
+
+    ``student_logits`` ``[B, T, V]``; ``topk_ids`` ``[B, T, K]`` long; ``teacher_topk_logprobs`` ``[B, T, K]``
+    normalised over the FULL vocabulary (what a serving engine returns), ``-inf`` marking padding entries, which
+    contribute 0 whatever id they carry. Student log-probs come from a full-vocab log-softmax, gathered at the same
+    ids. The mass outside the top-k is one extra category for both sides, ``p_rest = 1 - sum p_k`` and
+    ``q_rest = 1 - sum q_k``, so this is the exact KL between the two (K+1)-category coarsenings: it is >= 0, 0 when the
+    student matches the teacher, equals the full forward KL when K == V, and still pushes the student's mass off
+    tokens the teacher puts outside its top-k. Rest masses are clamped at 1e-8 inside the log; a zero ``p_rest``
+    contributes exactly 0. Token mean over ``mask``.
+    """
+    log_p = teacher_topk_logprobs.float()
+    valid = torch.isfinite(log_p)
+    ids = torch.where(valid, topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))  # padding ids may be -1
+    log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, ids)
+
+    zeros = torch.zeros_like(log_p)
+    safe_log_p = torch.where(valid, log_p, zeros)
+    p = torch.where(valid, torch.exp(safe_log_p), zeros)
+    q = torch.where(valid, torch.exp(log_q), zeros)
+    head = torch.where(valid, p * (safe_log_p - log_q), zeros).sum(dim=-1)
+
+    p_rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
+    log_p_rest = torch.log(p_rest.clamp(min=_EPS))
+    log_q_rest = torch.log((1.0 - q.sum(dim=-1)).clamp(min=_EPS))
+    rest = p_rest * (log_p_rest - log_q_rest)
+    return masked_mean(head + rest, mask)
+
+
+def sft_on_teacher(logits: Tensor, target_ids: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean cross-entropy of ``target_ids`` ``[B, T]`` under ``logits`` ``[B, T, V]`` over ``mask`` -> scalar.
+
+    The offline-KD / correction SFT loss on teacher-written tokens. Masked-out positions may hold any id (e.g. -100
+    padding); they are replaced by 0 before the gather and excluded from the mean.
+    """
+    ids = torch.where(mask.bool(), target_ids.long(), torch.zeros_like(target_ids, dtype=torch.long))
+    return masked_mean(-token_logprobs(logits, ids), mask)

@@ -1,0 +1,91 @@
+"""vLLM engine construction and the two things opd asks of one: sample, and score.
+
+Shared by rollout workers (the student) and vLLM-backed teachers, so both see the
+same engine settings and the same log-prob conventions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Scored:
+    """Teacher signal for one sequence's response tokens (length R each).
+
+    `topk_ids`/`topk_logprobs` are [R, K]; log-probs are float32 and normalised over the
+    full vocabulary, so the mass outside the top-k is `1 - exp(topk).sum()`.
+    """
+
+    logprobs: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+
+
+def make_llm(model: str, engine, seed: int, **extra):
+    """Build a vLLM `LLM` from an `EngineConfig`; CPU settings are applied only without CUDA."""
+    import torch
+    from vllm import LLM
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
+    return LLM(
+        model=model,
+        dtype=engine.dtype,
+        enforce_eager=engine.enforce_eager,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        max_model_len=engine.max_model_len,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        seed=seed,
+        **extra,
+    )
+
+
+def sample(llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int | None):
+    """Sample `n` continuations per prompt. Returns, per prompt, n (token ids, log-probs) pairs.
+
+    Log-probs are those of the distribution actually sampled from (temperature applied;
+    the engine runs with `logprobs_mode=processed_logprobs`); greedy when temperature is 0.
+    """
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, logprobs=0, seed=seed)
+    outputs = llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params, use_tqdm=False)
+    result = []
+    for out in outputs:
+        pairs = []
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs, strict=True)]
+            pairs.append((np.asarray(ids, dtype=np.int64), np.asarray(lps, dtype=np.float32)))
+        result.append(pairs)
+    return result
+
+
+def score(llm, prompts: list[list[int]], responses: list[list[int]], top_k: int) -> list[Scored]:
+    """Teacher-force prompt+response and read each response token's log-prob and the top-k.
+
+    Uses vLLM's `prompt_logprobs`: entry i is log p(token_i | tokens_<i) plus the top-k
+    alternatives, computed from raw logits (temperature 1).
+    """
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0)
+    seqs = [{"prompt_token_ids": [int(t) for t in (*p, *r)]} for p, r in zip(prompts, responses, strict=True)]
+    outputs = llm.generate(seqs, params, use_tqdm=False)
+    scored = []
+    for p, r, out in zip(prompts, responses, outputs, strict=True):
+        positions = out.prompt_logprobs[len(p) : len(p) + len(r)]
+        lp = np.empty(len(r), dtype=np.float32)
+        ids = np.zeros((len(r), top_k), dtype=np.int64)
+        vals = np.full((len(r), top_k), -np.inf, dtype=np.float32)
+        for j, (tok, entry) in enumerate(zip(r, positions, strict=True)):
+            lp[j] = entry[int(tok)].logprob
+            top = sorted(((v.rank, t, v.logprob) for t, v in entry.items() if v.rank <= top_k))[:top_k]
+            for k, (_rank, t, v) in enumerate(top):
+                ids[j, k], vals[j, k] = t, v
+        scored.append(Scored(lp, ids, vals))
+    return scored

@@ -1,0 +1,70 @@
+"""Rollout worker: a Ray actor owning one vLLM engine loaded with the student."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from opd.buffer.sample import Sample
+from opd.rollout import engine as vllm_engine
+
+
+class RolloutWorker:
+    """Samples responses with the current student and receives new weights from the learner.
+
+    `version` is the learner step whose weights the engine holds; every sample carries
+    it, so the buffer and the metrics can prove which policy produced what.
+    """
+
+    def __init__(self, model: str, engine_cfg, weight_backend: str, seed: int) -> None:
+        self.llm = vllm_engine.make_llm(
+            model,
+            engine_cfg,
+            seed,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="opd.rollout.weight_sync.WorkerExtension",
+            weight_transfer_config={"backend": weight_backend},
+        )
+        self.version = 0
+
+    def ready(self) -> int:
+        return self.version
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        meta: list[dict[str, Any]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> list[Sample]:
+        """n samples per prompt; `meta[i]` (prompt index, answer, ...) rides along with prompt i."""
+        outs = vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed)
+        samples = []
+        for p, m, pairs in zip(prompt_ids, meta, outs, strict=True):
+            for ids, lps in pairs:
+                samples.append(Sample(np.asarray(p, np.int64), ids, lps, self.version, **m))
+        return samples
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], top_k: int):
+        """The student's own per-token log-probs (used to check weight sync end to end)."""
+        return vllm_engine.score(self.llm, prompt_ids, response_ids, top_k)
+
+    # The four calls vLLM's weight-transfer engines drive (VLLMWeightSyncClient protocol).
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+    def set_version(self, version: int) -> None:
+        self.version = version
