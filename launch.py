@@ -10,6 +10,7 @@ Joins the Ray cluster at `ray.address` / RAY_ADDRESS if set, else starts a local
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -29,6 +30,17 @@ def local_cpus(cfg) -> int:
     return max(int(need + 0.999), os.cpu_count() or 1)
 
 
+def resolve(name: str, cache_dir: str) -> str:
+    """A model or data reference as a path: `builtin:` ones are built (once) into the cache."""
+    from opd.config import BUILTIN
+
+    if not name.startswith(BUILTIN):
+        return name
+    from opd.assets import ensure_builtin
+
+    return str(ensure_builtin(name.removeprefix(BUILTIN), cache_dir))
+
+
 def main(argv: list[str]) -> dict:
     from opd.config import ConfigError, load_config, to_dict, to_yaml
 
@@ -41,7 +53,6 @@ def main(argv: list[str]) -> dict:
     # Heavy imports only once the config is known to be good.
     import ray
 
-    from opd.assets import resolve
     from opd.controller import Controller
     from opd.data import DataError, load_prompts
     from opd.monitoring import Monitor
@@ -69,11 +80,30 @@ def main(argv: list[str]) -> dict:
     try:
         controller = Controller(cfg, student, teachers, train, evals, monitor)
         controller.setup()
-        return controller.run()
+        summary = controller.run()
     except DataError as err:
         sys.exit(f"data error: {err}")
     finally:
-        ray.shutdown()
+        ray.shutdown()  # also flushes actor logs, so nothing prints after the summary
+    report(summary["final"])
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def report(final: dict) -> None:
+    """The few numbers a person looks for first."""
+
+    def fmt(x) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    print(
+        f"\nteacher accuracy {fmt(final['teacher_accuracy'])}\n"
+        f"student accuracy {fmt(final['student_accuracy_before'])} -> {fmt(final['student_accuracy_after'])}\n"
+        f"reverse KL (student||teacher, nats/token) {fmt(final['reverse_kl_before'])} -> "
+        f"{fmt(final['reverse_kl_after'])}\n"
+        f"student checkpoint: {final['student_path']}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

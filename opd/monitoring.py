@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -66,7 +65,7 @@ class Monitor:
             self.run = None
 
     def finish(self, final: dict) -> dict:
-        """Write summary.json, close W&B, print the summary as the last stdout line."""
+        """Write summary.json, close W&B, and return the summary."""
         summary = {"final": _finite(final), "rounds": self.history, "wandb_dir": self.wandb_dir}
         tmp = self.output_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -77,6 +76,4 @@ class Monitor:
                 self.run.finish()
             except Exception as err:
                 warnings.warn(f"W&B finish failed: {err}", stacklevel=2)
-        sys.stdout.flush()
-        print(json.dumps(summary), flush=True)
         return summary

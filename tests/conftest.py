@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny checkpoints and prompt files built on the fly (no hub access)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    """A teacher and a smaller student sharing one tokenizer, plus train/eval prompt files.
+
+    The teacher is untrained but opinionated (scaled embeddings give peaked next-token
+    distributions), so the student has a clear target to move towards in a few rounds.
+    """
+    import torch
+
+    from opd.tiny import TinySpec, build_model, save_checkpoint, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    tok = train_tokenizer([r["prompt"] + r["answer"] for r in rows], 40)
+    teacher = build_model(tok, TinySpec(layers=2, hidden=64, heads=2), seed=1)
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight.mul_(4.0)
+    student = build_model(tok, TinySpec(layers=1, hidden=64, heads=2), seed=2)
+    return {
+        "teacher": save_checkpoint(teacher, tok, root / "teacher"),
+        "student": save_checkpoint(student, tok, root / "student"),
+        "train": write_jsonl(root / "train.jsonl", rows[:240]),
+        "eval": write_jsonl(root / "eval.jsonl", rows[240:]),
+    }

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from opd.config import CONF_DIR, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, tiny_assets):
+    # Cluster configs name data on shared storage; point data at local files, validate the rest as shipped.
+    cfg = load_config(str(path), [f"data.train={tiny_assets['train']}", f"data.eval={tiny_assets['eval']}"])
+    assert cfg.rounds >= 1 and cfg.teachers
+
+
+def test_overrides_reach_nested_and_list_fields(tiny_assets):
+    cfg = load_config(
+        "default",
+        [f"teachers.0.model={tiny_assets['teacher']}", "learner.lr=3e-5", "loss.beta=0.25", "rollout.num_workers=1"],
+    )
+    assert cfg.teachers[0].model == str(tiny_assets["teacher"])
+    assert cfg.learner.lr == pytest.approx(3e-5)
+    assert cfg.loss.beta == 0.25 and cfg.rollout.num_workers == 1
+    assert len(cfg.teachers) == 1 and cfg.teachers[0].name == "addition"
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("learner.nope=1", "learner.nope"),
+        ("learner.lr=fast", "learner.lr"),
+        ("rollout.num_workers=2.5", "rollout.num_workers"),
+        ("loss.type=forward", "loss.type"),
+        ("loss.beta=1.5", "loss.beta"),
+        ("rounds=0", "rounds"),
+        ("mode=offline", "loss.type=sft"),
+        ("student.model=./no/such/dir", "student.model"),
+        ("data.train=missing.jsonl", "data.train"),
+        ("rollout.temperature=0.7", "teachers.0.backend"),
+        ("learner.mini_batches=3", "learner.mini_batches"),
+        ("wandb.mode=sometimes", "wandb.mode"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config("default", [override])
+
+
+def test_directory_without_config_json_is_not_a_model(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        load_config("default", [f"student.model={tmp_path}"])
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match="--config-name"):
+        load_config("no-such-config")
+
+
+def test_launch_rejects_a_bad_key_fast_before_ray():
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "learner.lr=abc"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode != 0
+    assert "learner.lr" in proc.stderr
+    assert "ray" not in proc.stderr.lower()
+    assert elapsed < 5, f"took {elapsed:.1f}s"

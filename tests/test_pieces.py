@@ -1,0 +1,87 @@
+"""Unit tests of the plain functions behind the actors (no Ray, no vLLM engines)."""
+
+import numpy as np
+import pytest
+import torch
+
+from opd.buffer.replay import ReplayBuffer
+from opd.buffer.sample import Sample
+from opd.learner import objective
+from opd.learner.batch import collate
+from opd.monitoring import redact
+from opd.partition import chunks
+
+
+def sample(prompt, response, version=0, teacher=True, k=2):
+    r = len(response)
+    s = Sample(np.array(prompt), np.array(response), np.full(r, -1.0, np.float32), version)
+    if teacher:
+        s.teacher_logprobs = np.full(r, -0.5, np.float32)
+        s.teacher_topk_ids = np.tile(np.arange(k), (r, 1))
+        s.teacher_topk_logprobs = np.full((r, k), -0.7, np.float32)
+    return s
+
+
+def test_collate_aligns_per_token_fields_to_targets():
+    batch = collate([sample([5, 6], [7, 8, 9]), sample([5], [4])], pad_id=0, top_k=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    # entry t scores input_ids[t+1]: the response tokens 7, 8, 9 sit at t = 1, 2, 3
+    assert batch["mask"].tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch["old_logprobs"][0].tolist() == [0, -1, -1, -1]
+    assert batch["teacher_logprobs"][1].tolist() == [-0.5, 0, 0, 0]
+    assert batch["topk_logprobs"].shape == (2, 4, 2)
+    assert torch.isinf(batch["topk_logprobs"][1, 1]).all()
+
+
+def test_collate_without_teacher_signal_has_no_teacher_fields():
+    batch = collate([sample([1], [2], teacher=False)], pad_id=0, top_k=2)
+    assert "teacher_logprobs" not in batch and batch["mask"].tolist() == [[1]]
+
+
+def test_buffer_serves_fifo_and_refuses_stale_samples():
+    buf = ReplayBuffer(capacity=3, max_staleness=1)
+    buf.add([sample([1], [2], version=v) for v in (0, 1, 2, 3)])
+    assert buf.evicted == 1 and len(buf) == 3
+    taken, stats = buf.take(3, version=3)
+    assert [s.version for s in taken] == [2, 3]
+    assert stats["dropped_stale"] == 1 and stats["mean_staleness"] == 0.5
+
+
+def test_chunks_are_contiguous_and_near_equal():
+    assert chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert chunks([1], 3) == [[1], [], []]
+
+
+def test_objective_registry_rejects_duplicates_and_names_known_losses():
+    with pytest.raises(ValueError, match="already registered"):
+        objective.register("reverse_kl")(lambda *a: None)
+    with pytest.raises(KeyError, match="jsd, reverse_kl, sft, topk_kl"):
+        objective.get("nope")
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "topk_kl", "sft"])
+def test_every_objective_gives_a_finite_differentiable_loss(name):
+    from opd.config import LossConfig
+
+    batch = collate([sample([1, 2], [3, 1, 2]), sample([2], [3, 3])], pad_id=0, top_k=2)
+    logits = torch.randn(2, batch["mask"].shape[1], 5, requires_grad=True)
+    loss, metrics = objective.get(name)(logits, batch, LossConfig(top_k=2), 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.grad.abs().sum() > 0
+    # padding positions get no gradient
+    assert logits.grad[1, 2:].abs().sum() == 0
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_reverse_kl_objective_reports_the_sampled_reverse_kl():
+    from opd.config import LossConfig
+
+    batch = collate([sample([1], [2, 3])], pad_id=0, top_k=2)
+    _, metrics = objective.get("reverse_kl")(torch.zeros(1, 2, 4), batch, LossConfig(), 1.0)
+    assert metrics["reverse_kl"] == pytest.approx(-1.0 - -0.5)
+
+
+def test_redact_hides_credentials_at_any_depth():
+    out = redact({"wandb": {"api_key": "abc", "project": "p"}, "token": "t", "lr": 1})
+    assert out == {"wandb": {"api_key": "***", "project": "p"}, "token": "***", "lr": 1}
