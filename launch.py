@@ -71,10 +71,11 @@ def main(argv: list[str]) -> dict:
         print(f"skipped {skipped_train} train and {skipped_eval} eval lines (data.on_error=skip)", flush=True)
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}}
-    if address:
-        ray.init(address=address, runtime_env=env)
+    if address:  # under `ray job submit`, the job's --working-dir already carries the code to every node
+        ray.init(address=address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     else:
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": here}}
         ray.init(num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
     monitor = Monitor(cfg.output_dir, to_dict(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.group, cfg.wandb.name)
     try:

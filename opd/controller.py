@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 
 from opd.buffer.replay import ReplayBuffer
@@ -116,8 +117,8 @@ class Controller:
         self.learner.save(f"{cfg.output_dir}/student")
         final = {
             "teacher_accuracy": teacher_acc,
-            "student_accuracy_before": before["eval/student_accuracy"],
-            "student_accuracy_after": metrics["eval/student_accuracy"],
+            "student_accuracy_before": before.get("eval/student_accuracy"),
+            "student_accuracy_after": metrics.get("eval/student_accuracy"),
             "reverse_kl_before": before["eval/reverse_kl"],
             "reverse_kl_after": metrics["eval/reverse_kl"],
             "teacher_tokens": self.teacher_tokens,
@@ -162,6 +163,7 @@ class Controller:
             "train/response_tokens": tokens / len(samples),
             "train/teacher_tokens": float(self.teacher_tokens),
             "weight_sync_s": sync["weight_sync_s"],
+            "weight_sync_gb_per_s": sync["weight_sync_gb_per_s"],
             "learner_step_s": sum(m["learner_step_s"] for m in learner),
             "tokens_per_s": tokens / gen_s,
             "policy_version": float(self.version),
@@ -198,28 +200,33 @@ class Controller:
     def teacher_samples(self, prompts: list[Encoded], n: int, temperature: float) -> list[Sample]:
         """Offline KD data: the teacher writes the responses the student will imitate."""
         outs = self.teachers.generate([e.ids for e in prompts], n, self.cfg.rollout.max_new_tokens, temperature, None)
-        import numpy as np
+        return self.as_samples(prompts, outs)
 
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy and reverse KL to the teacher on the held-out prompts."""
+        greedy = self.generate(self.evals, 1, 0.0, seed=None)
+        accuracy = self.accuracy(greedy)
+        metrics = {} if accuracy is None else {"eval/student_accuracy": accuracy}
+        samples = self.generate(self.evals, self.cfg.eval.samples_per_prompt, self.cfg.rollout.temperature, seed=-1)
+        self.teachers.score(samples, 1)
+        metrics["eval/reverse_kl"] = reverse_kl(samples)
+        return metrics
+
+    def teacher_accuracy(self) -> float | None:
+        outs = self.teachers.generate([e.ids for e in self.evals], 1, self.cfg.rollout.max_new_tokens, 0.0, None)
+        return self.accuracy(self.as_samples(self.evals, outs))
+
+    def as_samples(self, prompts: list[Encoded], outs: list) -> list[Sample]:
+        """Wrap responses written by the teacher (n per prompt) as samples."""
         return [
             Sample(np.asarray(e.ids), ids, lps, self.version, e.prompt.index, e.prompt.answer)
             for e, pairs in zip(prompts, outs, strict=True)
             for ids, lps in pairs
         ]
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy and reverse KL to the teacher on the held-out prompts."""
-        greedy = self.generate(self.evals, 1, 0.0, seed=None)
-        metrics = {"eval/student_accuracy": self.accuracy(greedy)}
-        samples = self.generate(self.evals, self.cfg.eval.samples_per_prompt, self.cfg.rollout.temperature, seed=-1)
-        self.teachers.score(samples, 1)
-        metrics["eval/reverse_kl"] = reverse_kl(samples)
-        return metrics
-
-    def teacher_accuracy(self) -> float:
-        outs = self.teachers.generate([e.ids for e in self.evals], 1, self.cfg.rollout.max_new_tokens, 0.0, None)
-        texts = [self.tokenizer.decode(pairs[0][0], skip_special_tokens=True) for pairs in outs]
-        return sum(is_correct(t, e.prompt.answer) for t, e in zip(texts, self.evals, strict=True)) / len(self.evals)
-
-    def accuracy(self, samples: list[Sample]) -> float:
+    def accuracy(self, samples: list[Sample]) -> float | None:
+        """Share of responses whose final answer matches; None when the prompts carry no answers."""
+        if all(s.answer is None for s in samples):
+            return None
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         return sum(is_correct(t, s.answer) for t, s in zip(texts, samples, strict=True)) / len(samples)

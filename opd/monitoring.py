@@ -29,7 +29,7 @@ def redact(config: dict) -> dict:
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if isinstance(v, int | str) or math.isfinite(v) else None) for k, v in metrics.items()}
+    return {k: (v if v is None or isinstance(v, int | str) or math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 class Monitor:
@@ -59,7 +59,7 @@ class Monitor:
         if self.run is None:
             return
         try:
-            self.run.log(metrics, step=step)
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
         except Exception as err:
             warnings.warn(f"W&B log failed, disabling it: {err}", stacklevel=2)
             self.run = None

@@ -149,8 +149,9 @@ class LearnerShard:
     def send_weights(self) -> dict[str, float]:
         t0 = time.perf_counter()
         self.transfer.send_weights()
-        numel = sum(math.prod(m.shape) for m in self.transfer.source.metadata())
-        return {"weight_sync_s": time.perf_counter() - t0, "weight_sync_params": float(numel), "version": self.step}
+        seconds = time.perf_counter() - t0
+        nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in self.transfer.source.metadata())
+        return {"weight_sync_s": seconds, "weight_sync_gb_per_s": nbytes / seconds / 1e9, "version": self.step}
 
     def token_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """The learner's own log-probs of given responses (tests compare them with the rollout engines')."""
