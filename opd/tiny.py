@@ -14,8 +14,8 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 64):
-    """A byte-level BPE tokenizer trained on `texts`, digits kept one per token.
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on `texts` (256 bytes + merges up to `vocab_size`), one token per digit.
 
     Byte-level round-trips any text exactly (so cross-tokenizer alignment and answer
     parsing see what the model wrote); single digits make arithmetic learnable.
@@ -28,7 +28,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 64):
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False)
+    # The full byte alphabet keeps every text encodable: a character the corpus never showed must not vanish.
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=1024)
 
