@@ -6,6 +6,7 @@ is explicit, so what runs where, and in which order, is visible here.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ class Controller:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        t0 = time.perf_counter()
+        print(
+            f"starting {cfg.rollout.num_workers} rollout workers (vLLM), "
+            f"{sum(t.replicas for t in cfg.teachers)} teacher replicas, {cfg.learner.num_shards} learner shards "
+            f"(DeepSpeed ZeRO-{cfg.learner.zero_stage}); engines take a minute to load",
+            flush=True,
+        )
         worker = ray.remote(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
         backend = cfg.rollout.weight_sync
         if backend == "auto":
@@ -95,6 +103,7 @@ class Controller:
         ray.get([w.ready.remote() for w in self.rollout])
         self.teachers.ready()
         self.learner.connect_rollout(self.rollout, cfg.rollout.engine.tensor_parallel_size, backend)
+        print(f"all actors ready in {time.perf_counter() - t0:.0f}s; weight sync over {backend}", flush=True)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -114,7 +123,8 @@ class Controller:
             bar.set_postfix(
                 {k: f"{metrics[k]:.3g}" for k in ("train/reverse_kl", "eval/student_accuracy") if k in metrics}
             )
-        self.learner.save(f"{cfg.output_dir}/student")
+        student_path = os.path.abspath(os.path.join(cfg.output_dir, "student"))
+        self.learner.save(student_path)
         final = {
             "teacher_accuracy": teacher_acc,
             "student_accuracy_before": before.get("eval/student_accuracy"),
@@ -124,7 +134,7 @@ class Controller:
             "teacher_tokens": self.teacher_tokens,
             "rounds": cfg.rounds,
             "policy_version": self.version,
-            "student_path": f"{cfg.output_dir}/student",
+            "student_path": student_path,
         }
         return self.monitor.finish(final)
 
