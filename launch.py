@@ -1,6 +1,7 @@
 """Run on-policy distillation.
 
     python launch.py [--config-name NAME_OR_PATH] [key=value ...]
+    python launch.py --multirun loss.beta=0,0.5,1 learner.lr=1e-5,3e-5    # a grid of runs
 
 Reads conf/default.yaml unless told otherwise. The config is parsed and checked
 before anything heavy is imported, so a typo fails in well under a second.
@@ -15,12 +16,17 @@ import os
 import sys
 
 
-def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", default="default", help="a file under conf/ (without .yaml) or a path")
+    parser.add_argument(
+        "--multirun",
+        action="store_true",
+        help="comma-separated values form a grid: loss.beta=0,0.5,1 learner.lr=1e-5,3e-5",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=3e-5 teachers.0.model=org/m")
     args = parser.parse_args(argv)
-    return args.config_name, args.overrides
+    return args.config_name, args.overrides, args.multirun
 
 
 def local_cpus(cfg) -> int:
@@ -42,17 +48,26 @@ def resolve(name: str, cache_dir: str) -> str:
 
 
 def main(argv: list[str]) -> dict:
-    from opd.config import ConfigError, load_config, to_dict, to_yaml
+    from opd.config import ConfigError, load_config
 
-    config_name, overrides = parse_args(argv)
+    config_name, overrides, multirun = parse_args(argv)
+    if multirun:
+        return sweep(config_name, overrides)
     try:
         cfg = load_config(config_name, overrides)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    summary = run(cfg)
+    report(summary["final"])
+    print(json.dumps(summary), flush=True)
+    return summary
 
-    # Heavy imports only once the config is known to be good.
+
+def run(cfg) -> dict:
+    """One distillation run on a validated config; returns its summary."""
     import ray
 
+    from opd.config import to_dict, to_yaml
     from opd.controller import Controller
     from opd.data import DataError, load_prompts
     from opd.monitoring import Monitor
@@ -81,14 +96,49 @@ def main(argv: list[str]) -> dict:
     try:
         controller = Controller(cfg, student, teachers, train, evals, monitor)
         controller.setup()
-        summary = controller.run()
+        return controller.run()
     except DataError as err:
         sys.exit(f"data error: {err}")
     finally:
         ray.shutdown()  # also flushes actor logs, so nothing prints after the summary
-    report(summary["final"])
-    print(json.dumps(summary), flush=True)
-    return summary
+
+
+def sweep(config_name: str, overrides: list[str]) -> dict:
+    """Run every point of the override grid in turn; all configs are checked before the first run."""
+    import time
+
+    from opd import sweep as grid
+    from opd.config import ConfigError, load_config
+
+    points = grid.expand(overrides)
+    keys = grid.varying(points)
+    try:
+        base = load_config(config_name, overrides=[p for p in points[0] if p.partition("=")[0] not in keys])
+        name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        root = os.path.join(base.output_dir, name)
+        configs = []
+        for i, point in enumerate(points):
+            label = grid.run_name(point, keys)
+            extra = [f"output_dir={root}/{i:03d}", f"wandb.group={base.wandb.group or name}", f"wandb.name={label}"]
+            configs.append((label, load_config(config_name, [*point, *extra])))
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    print(f"{name}: {len(configs)} runs over {', '.join(keys) or 'one point'} -> {root}", flush=True)
+    rows = []
+    for i, (label, cfg) in enumerate(configs, start=1):
+        print(f"[{i}/{len(configs)}] {label}", flush=True)
+        final = run(cfg)["final"]
+        rows.append({"run": label, "output_dir": cfg.output_dir, **final})
+    columns = ["run", "student_accuracy_after", "reverse_kl_before", "reverse_kl_after", "teacher_tokens"]
+    text = grid.table(rows, columns)
+    with open(os.path.join(root, "sweep.md"), "w") as f:
+        f.write(text + "\n")
+    result = {"sweep": name, "runs": rows}
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print("\n" + text, flush=True)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def report(final: dict) -> None:

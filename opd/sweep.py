@@ -1,0 +1,42 @@
+"""Config sweeps: `launch.py --multirun loss.beta=0,0.5,1 learner.lr=1e-5,3e-5` runs the grid.
+
+Each point is a separate run with its own output dir, grouped under one W&B group;
+every point's config is validated before the first run starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+_SPLIT = re.compile(r",(?![^\[\]{}]*[\]}])")  # commas outside [...] and {...}
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The cartesian product of comma-separated override values, in the order given."""
+    axes = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        axes.append([f"{key}={v}" for v in _SPLIT.split(value)])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def varying(points: list[list[str]]) -> list[str]:
+    """Keys whose value differs across the grid (they name the runs)."""
+    keys = [item.partition("=")[0] for item in points[0]]
+    return [k for i, k in enumerate(keys) if len({p[i] for p in points}) > 1]
+
+
+def run_name(point: list[str], keys: list[str]) -> str:
+    return ",".join(item for item in point if item.partition("=")[0] in keys) or "base"
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of `rows` (one per run) over `columns`."""
+
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
