@@ -68,7 +68,7 @@ def run(cfg) -> dict:
     import ray
 
     from opd.config import to_dict, to_yaml
-    from opd.controller import Controller
+    from opd.controller import Controller, IncompatibleModels
     from opd.data import DataError, load_prompts
     from opd.monitoring import Monitor
 
@@ -97,8 +97,8 @@ def run(cfg) -> dict:
         controller = Controller(cfg, student, teachers, train, evals, monitor)
         controller.setup()
         return controller.run()
-    except DataError as err:
-        sys.exit(f"data error: {err}")
+    except (DataError, IncompatibleModels) as err:
+        sys.exit(f"error: {err}")
     finally:
         ray.shutdown()  # also flushes actor logs, so nothing prints after the summary
 

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 BUILTIN = "builtin:"
 LOSSES = ("reverse_kl", "jsd", "topk_kl", "sft")
+COMBINE_RULES = ("mean_logprob", "mixture", "route", "best_of")
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,21 @@ class TeacherConfig:
     replicas: int = 1
     gpus_per_replica: float = 0
     cpus_per_replica: float = 1
+
+
+@dataclass
+class CombineConfig:
+    """How several teachers' signals become one per sample (see opd/teachers/combine.py)."""
+
+    rule: str = "mean_logprob"
+    """mean_logprob: weighted product of experts; mixture: weighted mixture of probabilities;
+    route: one teacher per prompt, picked by a prompt field; best_of: the best-judged teacher."""
+    route_field: str = "domain"
+    """Prompt field whose value picks the teacher when rule=route."""
+    routes: dict[str, str] = field(default_factory=dict)
+    """Field value -> teacher name, for rule=route."""
+    default: str | None = None
+    """Teacher for prompts whose field value has no route (None: such a prompt is an error)."""
 
 
 @dataclass
@@ -151,6 +167,7 @@ class RayConfig:
 class OPDConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
+    combine: CombineConfig = field(default_factory=CombineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher_engine: EngineConfig = field(default_factory=EngineConfig)
@@ -187,9 +204,10 @@ def check(cfg: OPDConfig) -> None:
     names = [t.name for t in cfg.teachers]
     if len(set(names)) != len(names):
         raise ConfigError(f"teachers: names must be unique, got {names}")
-    if len(cfg.teachers) > 1:
-        raise ConfigError("teachers: more than one teacher needs a combine rule, which this version lacks")
+    check_combine(cfg.combine, names)
     for i, t in enumerate(cfg.teachers):
+        if t.weight < 0:
+            raise ConfigError(f"teachers.{i}.weight={t.weight} must be >= 0")
         if t.backend == "vllm" and cfg.rollout.temperature != 1.0 and cfg.mode == "on_policy":
             raise ConfigError(
                 f"teachers.{i}.backend=vllm scores at temperature 1 (vLLM prompt log-probs skip temperature), "
@@ -228,7 +246,20 @@ def check(cfg: OPDConfig) -> None:
         )
 
 
-_ABSENT = object()
+def check_combine(combine: CombineConfig, names: list[str]) -> None:
+    if combine.rule not in COMBINE_RULES:
+        raise ConfigError(f"combine.rule={combine.rule!r} is not one of {', '.join(COMBINE_RULES)}")
+    if combine.rule == "best_of":
+        raise ConfigError("combine.rule=best_of ranks teachers by judge scores, and judges are not available yet")
+    if combine.rule != "route":
+        return
+    if not combine.routes and combine.default is None:
+        raise ConfigError("combine.rule=route needs combine.routes (field value -> teacher) or combine.default")
+    for value, teacher in [*combine.routes.items(), ("combine.default", combine.default)]:
+        if teacher is not None and teacher not in names:
+            raise ConfigError(f"combine.routes: {value!r} -> {teacher!r}, which is not a teacher name ({names})")
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -274,8 +305,6 @@ def load_config(config_name: str = "default", overrides: list[str] | None = None
         for item in overrides:
             # One at a time, so `teachers.0.model=...` indexes the list instead of replacing it with a dict.
             key, value = item.split("=", 1)
-            if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
-                raise ConfigError(f"{key}: no such key (override {item!r})")
             OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

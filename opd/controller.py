@@ -10,6 +10,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import ray
@@ -22,6 +23,7 @@ from opd.learner.group import LearnerGroup, mean_metrics
 from opd.monitoring import Monitor
 from opd.partition import chunks
 from opd.rollout.worker import RolloutWorker
+from opd.teachers.combine import route_teacher
 from opd.teachers.pool import TeacherPool
 
 
@@ -29,10 +31,12 @@ from opd.teachers.pool import TeacherPool
 class Encoded:
     prompt: Prompt
     ids: list[int]
+    teacher: str | None = None
+    """The teacher this prompt is routed to (combine.rule=route), else None."""
 
 
-def encode(tokenizer, prompts: list[Prompt], limit: int, source: str) -> list[Encoded]:
-    """Tokenize prompts; one that leaves no room for a response within the context is an error."""
+def encode(tokenizer, prompts: list[Prompt], limit: int, source: str, route=None) -> list[Encoded]:
+    """Tokenize prompts (and route each to a teacher); a prompt with no room for a response is an error."""
     out = []
     for p in prompts:
         ids = tokenizer.encode(p.text)
@@ -41,8 +45,33 @@ def encode(tokenizer, prompts: list[Prompt], limit: int, source: str) -> list[En
                 f"{source}: prompt #{p.index + 1} is {len(ids)} tokens; with rollout.max_new_tokens the limit is "
                 f"{limit} (raise rollout.engine.max_model_len or shorten it)"
             )
-        out.append(Encoded(p, ids))
+        try:
+            teacher = route(p) if route else None
+        except ValueError as err:
+            raise DataError(f"{source}: prompt #{p.index + 1}: {err}") from None
+        out.append(Encoded(p, ids, teacher))
     return out
+
+
+def _route(combine, prompt: Prompt) -> str:
+    return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default)
+
+
+class IncompatibleModels(ValueError):
+    """Student and teacher cannot be paired as configured (found before any actor starts)."""
+
+
+def check_tokenizers(student_tokenizer, teachers: dict[str, str]) -> None:
+    """Token-level teacher signal is indexed by the student's token ids, so vocabularies must match."""
+    from transformers import AutoTokenizer
+
+    vocab = student_tokenizer.get_vocab()
+    for name, path in teachers.items():
+        if AutoTokenizer.from_pretrained(path).get_vocab() != vocab:
+            raise IncompatibleModels(
+                f"teacher {name!r} ({path}) has a different tokenizer than the student; token-level losses need "
+                "the same vocabulary (cross-tokenizer teachers are not supported yet)"
+            )
 
 
 def reverse_kl(samples: list[Sample]) -> float:
@@ -66,9 +95,11 @@ class Controller:
 
         self.cfg, self.student, self.teacher_paths, self.monitor = cfg, student, teachers, monitor
         self.tokenizer = AutoTokenizer.from_pretrained(student)
+        check_tokenizers(self.tokenizer, teachers)
         limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
-        self.train = encode(self.tokenizer, train, limit, cfg.data.train)
-        self.evals = encode(self.tokenizer, evals[: cfg.data.eval_size], limit, cfg.data.eval)
+        route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
+        self.train = encode(self.tokenizer, train, limit, cfg.data.train, route)
+        self.evals = encode(self.tokenizer, evals[: cfg.data.eval_size], limit, cfg.data.eval, route)
         self.rng = random.Random(cfg.seed)
         self.order: list[int] = []
         self.version = 0
@@ -93,7 +124,13 @@ class Controller:
             for i in range(cfg.rollout.num_workers)
         ]
         self.teachers = TeacherPool(
-            cfg.teachers, cfg.teacher_engine, cfg.rollout.temperature, cfg.seed, self.teacher_paths
+            cfg.teachers,
+            cfg.combine,
+            cfg.teacher_engine,
+            cfg.rollout.temperature,
+            cfg.seed,
+            self.teacher_paths,
+            len(self.tokenizer),
         )
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
         batch = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
@@ -152,7 +189,7 @@ class Controller:
 
         t0 = time.perf_counter()
         if cfg.mode == "on_policy":
-            self.teachers.score(samples, cfg.loss.top_k)
+            scored_by = self.teachers.score(samples, cfg.loss.top_k)
         score_s = time.perf_counter() - t0
         self.teacher_tokens += tokens
 
@@ -180,6 +217,7 @@ class Controller:
         }
         if cfg.mode == "on_policy":
             metrics["train/reverse_kl"] = reverse_kl(batch)
+            metrics |= {f"teachers/{name}_samples": float(n) for name, n in scored_by.items()}
         return metrics
 
     # -- pieces --------------------------------------------------------------------------------
@@ -200,7 +238,7 @@ class Controller:
         for i, (w, part) in enumerate(zip(self.rollout, parts, strict=True)):
             if not part:
                 continue
-            meta = [{"prompt_index": e.prompt.index, "answer": e.prompt.answer} for e in part]
+            meta = [{"prompt_index": e.prompt.index, "answer": e.prompt.answer, "teacher": e.teacher} for e in part]
             s = None if seed is None else self.cfg.seed * 1_000_003 + seed * len(self.rollout) + i
             refs.append(
                 w.generate.remote([e.ids for e in part], meta, n, self.cfg.rollout.max_new_tokens, temperature, s)

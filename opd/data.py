@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -21,6 +21,8 @@ class Prompt:
     index: int
     text: str
     answer: str | None = None
+    fields: dict = field(default_factory=dict)
+    """The row's other fields (e.g. `domain`, which can route the prompt to a teacher)."""
 
 
 def _parse(raw: bytes) -> Prompt | str:
@@ -38,7 +40,8 @@ def _parse(raw: bytes) -> Prompt | str:
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         return "`prompt` is empty or not a string"
     answer = row.get("answer")
-    return Prompt(-1, row["prompt"], None if answer is None else str(answer))
+    rest = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+    return Prompt(-1, row["prompt"], None if answer is None else str(answer), rest)
 
 
 def load_prompts(path: str | Path, on_error: str = "fail") -> tuple[list[Prompt], int]:
@@ -55,7 +58,7 @@ def load_prompts(path: str | Path, on_error: str = "fail") -> tuple[list[Prompt]
                     raise DataError(f"{path}:{lineno}: {parsed} (set data.on_error=skip to skip such lines)")
                 skipped += 1
                 continue
-            prompts.append(Prompt(len(prompts), parsed.text, parsed.answer))
+            prompts.append(Prompt(len(prompts), parsed.text, parsed.answer, parsed.fields))
     if not prompts:
         raise DataError(f"{path}: no usable prompts ({skipped} lines skipped)")
     return prompts, skipped

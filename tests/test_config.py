@@ -70,3 +70,24 @@ def test_launch_rejects_a_bad_key_fast_before_ray():
     assert "learner.lr" in proc.stderr
     assert "ray" not in proc.stderr.lower()
     assert elapsed < 5, f"took {elapsed:.1f}s"
+
+
+def test_combine_rules_match_the_registry():
+    from opd.config import COMBINE_RULES
+    from opd.teachers.combine import available_rules
+
+    assert sorted(COMBINE_RULES) == sorted(available_rules())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["combine.rule=vote"], "combine.rule"),
+        (["combine.rule=route"], "combine.routes"),
+        (["combine.rule=route", "combine.routes.math=nobody"], "nobody"),
+        (["teachers.0.weight=-1"], r"teachers\.0\.weight"),
+    ],
+)
+def test_bad_combine_settings_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", overrides)

@@ -22,6 +22,8 @@ class Sample:
     version: int
     prompt_index: int = -1
     answer: str | None = None
+    teacher: str | None = None
+    """The teacher this sample is routed to; None lets every teacher score it (combined by rule)."""
     teacher_logprobs: np.ndarray | None = None
     teacher_topk_ids: np.ndarray | None = None
     teacher_topk_logprobs: np.ndarray | None = None
