@@ -36,8 +36,12 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     with torch.no_grad():
         teacher.model.embed_tokens.weight.mul_(4.0)
     student = build_model(tok, TinySpec(layers=1, hidden=64, heads=2), seed=2)
+    big = build_model(tok, TinySpec(layers=3, hidden=128, heads=4, kv_heads=2, intermediate=256), seed=3)
+    with torch.no_grad():
+        big.model.embed_tokens.weight.mul_(4.0)
     return {
         "teacher": save_checkpoint(teacher, tok, root / "teacher"),
+        "big_teacher": save_checkpoint(big, tok, root / "big_teacher"),
         "student": save_checkpoint(student, tok, root / "student"),
         "train": write_jsonl(root / "train.jsonl", rows[:240]),
         "eval": write_jsonl(root / "eval.jsonl", rows[240:]),

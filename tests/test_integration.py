@@ -127,3 +127,18 @@ def test_offline_kd_baseline_runs_with_a_transformers_teacher(tiny_assets, tmp_p
     assert all(r["learner/sft_nll"] > 0 for r in rounds)
     assert rounds[-1]["learner/sft_nll"] < rounds[0]["learner/sft_nll"]
     assert summary["final"]["teacher_tokens"] == sum(r["train/response_tokens"] * 64 for r in rounds)
+
+
+def test_two_teachers_of_different_sizes_are_combined(tiny_assets, tmp_path):
+    """Both teachers score every sample; the student moves towards their product of experts."""
+    teachers = (
+        f"teachers=[{{name: small, model: {tiny_assets['teacher']}, weight: 1.0}},"
+        f" {{name: big, model: {tiny_assets['big_teacher']}, weight: 2.0}}]"
+    )
+    overrides = [o for o in tiny_overrides(tiny_assets, tmp_path) if not o.startswith("teachers.")]
+    summary = launch(
+        [*overrides, teachers, "combine.rule=mean_logprob", "rollout.num_workers=1", "learner.num_shards=1", "rounds=4"]
+    )
+    rounds = summary["rounds"][1:]
+    assert all(r["teachers/small_samples"] == r["teachers/big_samples"] == 64 for r in rounds)
+    assert summary["final"]["reverse_kl_after"] < summary["final"]["reverse_kl_before"]
