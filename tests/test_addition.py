@@ -23,10 +23,11 @@ def test_make_example_is_consistent(lo, hi):
         m = re.fullmatch(r"(\d+)\+(\d+)=", ex["prompt"])
         assert m, ex["prompt"]
         a, b = m.groups()
-        assert all(lo <= len(x) <= hi and (len(x) == 1 or x[0] != "0") for x in (a, b))
+        assert lo <= len(a) == len(b) <= hi
+        assert all(len(x) == 1 or x[0] != "0" for x in (a, b))
         assert ex["answer"] == str(int(a) + int(b))
         assert ex["response"] == solve(int(a), int(b))
-        assert ex["response"].count("|") == max(len(a), len(b))
+        assert ex["response"].count("|") == len(a)
         assert extract_answer(ex["response"]) == ex["answer"]
         assert is_correct(ex["response"], ex["answer"])
 
