@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -324,4 +324,4 @@ def to_dict(cfg: OPDConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-__all__ = ["MISSING", "ConfigError", "OPDConfig", "load_config", "to_dict", "to_yaml"]
+__all__ = ["ConfigError", "OPDConfig", "load_config", "to_dict", "to_yaml"]

@@ -57,6 +57,7 @@ def test_make_example_is_seeded():
         ("7+8=15|ans 8a5", None),  # not a decimal
         ("7+8=15|ans -825", None),
         ("7+8=15|ans 8 25", None),
+        ("7+8=15|ans \u0668\u0662\u0665", None),  # non-ASCII digits
         ("7+8=15|ans825", None),  # marker without its space
         ("7+8=15|xans 825", None),  # marker must start a step
         ("7+8=15 825", None),

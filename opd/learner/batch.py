@@ -29,16 +29,16 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
     has_teacher = all(s.teacher_logprobs is not None for s in samples)
     for i, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
-        input_ids[i, : p + r] = torch.from_numpy(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))
+        input_ids[i, : p + r] = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))
         attention[i, : p + r] = 1
         span = slice(p - 1, p - 1 + r)
         mask[i, span] = 1.0
-        old_lp[i, span] = torch.from_numpy(np.asarray(s.logprobs, dtype=np.float32))
+        old_lp[i, span] = torch.tensor(np.asarray(s.logprobs, dtype=np.float32))
         if has_teacher:
-            teacher_lp[i, span] = torch.from_numpy(s.teacher_logprobs)
+            teacher_lp[i, span] = torch.tensor(s.teacher_logprobs)
             k = min(top_k, s.teacher_topk_ids.shape[1])
-            topk_ids[i, span, :k] = torch.from_numpy(s.teacher_topk_ids[:, :k])
-            topk_lp[i, span, :k] = torch.from_numpy(s.teacher_topk_logprobs[:, :k])
+            topk_ids[i, span, :k] = torch.tensor(s.teacher_topk_ids[:, :k])
+            topk_lp[i, span, :k] = torch.tensor(s.teacher_topk_logprobs[:, :k])
     batch = {"input_ids": input_ids, "attention_mask": attention, "mask": mask, "old_logprobs": old_lp}
     if has_teacher:
         batch |= {"teacher_logprobs": teacher_lp, "topk_ids": topk_ids, "topk_logprobs": topk_lp}

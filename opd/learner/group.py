@@ -40,7 +40,3 @@ class LearnerGroup:
 
     def save(self, path: str) -> None:
         ray.get([s.save.remote(path) for s in self.shards])
-
-    def token_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
-        # A ZeRO-3 forward pass is a collective: every shard runs it, rank 0's answer is kept.
-        return ray.get([s.token_logprobs.remote(prompt_ids, response_ids) for s in self.shards])[0]

@@ -153,21 +153,6 @@ class LearnerShard:
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in self.transfer.source.metadata())
         return {"weight_sync_s": seconds, "weight_sync_gb_per_s": nbytes / seconds / 1e9, "version": self.step}
 
-    def token_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
-        """The learner's own log-probs of given responses (tests compare them with the rollout engines')."""
-        from opd.losses import token_logprobs
-
-        samples = [
-            Sample(torch.tensor(p).numpy(), torch.tensor(r).numpy(), torch.zeros(len(r)).numpy(), 0)
-            for p, r in zip(prompt_ids, response_ids, strict=True)
-        ]
-        batch = collate(samples, self.tokenizer.pad_token_id, 1)
-        with torch.no_grad():
-            ids = batch["input_ids"].to(self.engine.device)
-            logits = self.engine(input_ids=ids, attention_mask=batch["attention_mask"].to(ids.device)).logits[:, :-1]
-            lp = token_logprobs(logits.float(), ids[:, 1:]).cpu()
-        return [lp[i][batch["mask"][i] > 0].tolist() for i in range(len(samples))]
-
     def save(self, path: str) -> None:
         """Write a Hugging Face checkpoint of the full (gathered) student; rank 0 writes."""
         import deepspeed

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 MARKER = "ans "
-_ANSWER = re.compile(r"(?:^|\|)ans (\d+)\s*$")
+_ANSWER = re.compile(r"(?:^|\|)" + re.escape(MARKER) + r"([0-9]+)\s*$")  # ASCII digits only, at the very end
 
 
 def make_example(rng: random.Random, min_digits: int, max_digits: int) -> dict[str, str]:
