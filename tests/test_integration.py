@@ -37,7 +37,10 @@ def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:
         "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=8",
         "learner.micro_batch_size=16",
+        "learner.mini_batches=1",
         "learner.lr=3e-3",
+        "loss.type=reverse_kl",
+        "eval.samples_per_prompt=2",
         "eval.every=3",
         f"output_dir={out}",
     ]

@@ -48,7 +48,6 @@ def reverse_kl(logits, batch, cfg, temperature):
     adv = losses.reverse_kl_advantage(batch["teacher_logprobs"], batch["old_logprobs"], mask)
     loss, metrics = losses.policy_gradient_loss(logprobs, batch["old_logprobs"], adv, mask, cfg.is_cap)
     metrics["reverse_kl"] = -_mean(adv, mask)
-    metrics["sampler_learner_logprob_gap"] = _mean((logprobs.detach() - batch["old_logprobs"]).abs(), mask)
     return loss, metrics
 
 

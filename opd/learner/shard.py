@@ -28,6 +28,19 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
+def logprob_gap(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float) -> float:
+    """Mean |learner log-prob - sampler log-prob| over response tokens, before this step's update.
+
+    On policy this is ~1e-7 when the rollout engines hold exactly the learner's weights, so
+    every round checks the weight sync; a jump means stale or corrupted weights.
+    """
+    from opd.losses import masked_mean, token_logprobs
+
+    with torch.no_grad():
+        own = token_logprobs(logits.float(), batch["input_ids"][:, 1:], temperature)
+        return float(masked_mean((own - batch["old_logprobs"]).abs(), batch["mask"]))
+
+
 class ZeroWeightSource(WeightSource):
     """The student's weights as vLLM's transfer engines want them, one decoder layer at a time.
 
@@ -116,6 +129,7 @@ class LearnerShard:
             }
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             loss, metrics = loss_fn(logits.float(), batch, self.loss_cfg, self.temperature)
+            metrics["sampler_learner_logprob_gap"] = logprob_gap(logits, batch, self.temperature)
             # Objectives average over their micro-batch's tokens; reweight so the step is a
             # token mean over the whole shard batch (DeepSpeed divides by `accum` itself).
             weight = sum(s.num_tokens for s in chunk) / total_tokens * self.accum
