@@ -9,16 +9,7 @@ import pytest
 
 from opd.rollout.engine import Scored
 from opd.teachers import combine
-from opd.teachers.combine import (
-    best_of,
-    get_rule,
-    mean_logprob,
-    mixture,
-    pick_best,
-    register_rule,
-    route,
-    route_teacher,
-)
+from opd.teachers.combine import RULES, mean_logprob, mixture, pick_best, route_teacher
 
 V = 4
 L = math.log
@@ -151,57 +142,26 @@ def test_route_teacher_by_field():
         route_teacher({"prompt": "x"}, "domain", table, None)
 
 
-def test_route_returns_chosen_teacher(signals):
-    out = route(signals, vocab_size=V, top_k=2, choice="B")
-    np.testing.assert_array_equal(out.logprobs, signals["B"].logprobs)
-    np.testing.assert_array_equal(out.topk_ids, signals["B"].topk_ids)
-    # Only the routed teacher's signal is needed; top-k is cut to top_k.
-    alone = route({"B": scored(B_FULL, k=3)}, vocab_size=V, top_k=2, choice="B")
-    np.testing.assert_array_equal(alone.topk_ids, signals["B"].topk_ids)
-    with pytest.raises(ValueError, match="'C'"):
-        route(signals, vocab_size=V, top_k=2, choice="C")
-    with pytest.raises(ValueError, match="choice"):
-        route(signals, vocab_size=V, top_k=2)
-
-
-def test_best_of_highest_score_nan_loses_ties_by_order(signals):
-    def pick(scores, sig=signals):
-        out = best_of(sig, vocab_size=V, top_k=2, scores=scores)
-        return next(n for n, s in sig.items() if np.array_equal(out.logprobs, s.logprobs))
-
-    assert pick({"A": 0.2, "B": 0.9}) == "B"
-    assert pick({"A": math.nan, "B": -5.0}) == "B"
-    assert pick({"A": 0.5, "B": 0.5}) == "A"
-    assert pick({"A": 0.5, "B": 0.5}, {"B": signals["B"], "A": signals["A"]}) == "B"
+def test_pick_best_highest_score_nan_never_wins_ties_by_order():
+    assert pick_best({"A": 0.2, "B": 0.9}, ["A", "B"]) == "B"
+    assert pick_best({"A": math.nan, "B": -5.0}, ["A", "B"]) == "B"
+    assert pick_best({"A": 0.5, "B": 0.5}, ["A", "B"]) == "A"
+    assert pick_best({"A": 0.5, "B": 0.5}, ["B", "A"]) == "B"
     assert pick_best({"A": math.nan, "B": math.nan}, ["B", "A"]) == "B"
-    with pytest.raises(ValueError, match="scores"):
-        best_of(signals, vocab_size=V, top_k=2, scores={"A": 1.0})
+    with pytest.raises(ValueError, match="no teachers"):
+        pick_best({}, [])
 
 
 # ---------------------------------------------------------------- registry and validation
 
 
-@pytest.fixture
-def clean_registry():
-    saved = dict(combine._RULES)
-    yield
-    combine._RULES.clear()
-    combine._RULES.update(saved)
-
-
-def test_registry_lookup_and_duplicates(clean_registry, signals):
-    assert {"mean_logprob", "mixture", "route", "best_of"} <= set(combine.available_rules())
-    assert get_rule("mixture") is mixture
-    with pytest.raises(KeyError, match=r"mixtrue.*best_of, mean_logprob, mixture, route"):
-        get_rule("mixtrue")
+def test_registry_lookup_and_duplicates():
+    assert RULES.names() == ["mean_logprob", "mixture"]
+    assert RULES.get("mixture") is mixture
+    with pytest.raises(KeyError, match=r"mixtrue.*mean_logprob, mixture"):
+        RULES.get("mixtrue")
     with pytest.raises(ValueError, match="already registered"):
-        register_rule("mixture")(mean_logprob)
-
-    @register_rule("first")
-    def first(sigs, weights=None, *, vocab_size, top_k, choice=None, scores=None):
-        return next(iter(sigs.values()))
-
-    assert get_rule("first")(signals, vocab_size=V, top_k=2) is signals["A"]
+        RULES.register("mixture")(mean_logprob)
 
 
 def test_validation(signals):
@@ -219,4 +179,4 @@ def test_validation(signals):
             rule(signals, {"A": 2.0, "B": -1.0}, vocab_size=V, top_k=2)
     bad_shape = Scored(np.zeros(2, np.float32), np.zeros((2, 2), np.int64), np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="'bad'"):
-        get_rule("route")({"bad": bad_shape}, vocab_size=V, top_k=2, choice="bad")
+        mixture({"A": signals["A"], "bad": bad_shape}, vocab_size=V, top_k=2)

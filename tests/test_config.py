@@ -74,9 +74,9 @@ def test_launch_rejects_a_bad_key_fast_before_ray():
 
 def test_combine_rules_match_the_registry():
     from opd.config import COMBINE_RULES
-    from opd.teachers.combine import available_rules
+    from opd.teachers.combine import RULES, SELECTING
 
-    assert sorted(COMBINE_RULES) == sorted(available_rules())
+    assert sorted(COMBINE_RULES) == sorted([*RULES.names(), *SELECTING])
 
 
 @pytest.mark.parametrize(

@@ -55,9 +55,9 @@ def test_chunks_are_contiguous_and_near_equal():
 
 def test_objective_registry_rejects_duplicates_and_names_known_losses():
     with pytest.raises(ValueError, match="already registered"):
-        objective.register("reverse_kl")(lambda *a: None)
-    with pytest.raises(KeyError, match="jsd, reverse_kl, sft, topk_kl"):
-        objective.get("nope")
+        objective.OBJECTIVES.register("reverse_kl")(lambda *a: None)
+    with pytest.raises(KeyError, match=r"loss\.type 'nope'; valid: jsd, reverse_kl, sft, topk_kl"):
+        objective.OBJECTIVES.get("nope")
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "topk_kl", "sft"])
@@ -66,7 +66,7 @@ def test_every_objective_gives_a_finite_differentiable_loss(name):
 
     batch = collate([sample([1, 2], [3, 1, 2]), sample([2], [3, 3])], pad_id=0, top_k=2)
     logits = torch.randn(2, batch["mask"].shape[1], 5, requires_grad=True)
-    loss, metrics = objective.get(name)(logits, batch, LossConfig(top_k=2), 1.0)
+    loss, metrics = objective.OBJECTIVES.get(name)(logits, batch, LossConfig(top_k=2), 1.0)
     loss.backward()
     assert torch.isfinite(loss) and logits.grad.abs().sum() > 0
     # padding positions get no gradient
@@ -78,7 +78,7 @@ def test_reverse_kl_objective_reports_the_sampled_reverse_kl():
     from opd.config import LossConfig
 
     batch = collate([sample([1], [2, 3])], pad_id=0, top_k=2)
-    _, metrics = objective.get("reverse_kl")(torch.zeros(1, 2, 4), batch, LossConfig(), 1.0)
+    _, metrics = objective.OBJECTIVES.get("reverse_kl")(torch.zeros(1, 2, 4), batch, LossConfig(), 1.0)
     assert metrics["reverse_kl"] == pytest.approx(-1.0 - -0.5)
 
 

@@ -11,25 +11,10 @@ from collections.abc import Callable
 import torch
 
 from opd import losses
+from opd.registry import Registry
 
 Objective = Callable[[torch.Tensor, dict[str, torch.Tensor], object, float], tuple[torch.Tensor, dict[str, float]]]
-OBJECTIVES: dict[str, Objective] = {}
-
-
-def register(name: str) -> Callable[[Objective], Objective]:
-    def add(fn: Objective) -> Objective:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = fn
-        return fn
-
-    return add
-
-
-def get(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown loss.type {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name]
+OBJECTIVES: Registry[Objective] = Registry("loss.type")
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,7 +25,7 @@ def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
-@register("reverse_kl")
+@OBJECTIVES.register("reverse_kl")
 def reverse_kl(logits, batch, cfg, temperature):
     """On-policy distillation: per-token reverse KL to the teacher as the advantage of an IS policy gradient."""
     mask = batch["mask"]
@@ -57,7 +42,7 @@ def _topk_student_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor], t
     return gathered.masked_fill(torch.isinf(batch["topk_logprobs"]), float("-inf"))
 
 
-@register("jsd")
+@OBJECTIVES.register("jsd")
 def jsd(logits, batch, cfg, temperature):
     """Generalized JSD (GKD) between student and teacher, renormalised over the teacher's top-k."""
     mask = batch["mask"]
@@ -66,14 +51,14 @@ def jsd(logits, batch, cfg, temperature):
     return loss, {"jsd": float(loss.detach())}
 
 
-@register("topk_kl")
+@OBJECTIVES.register("topk_kl")
 def topk_kl(logits, batch, cfg, temperature):
     """Forward KL on the teacher's top-k with the remaining mass in one bucket."""
     loss = losses.topk_kl(logits / temperature, batch["topk_ids"], batch["topk_logprobs"], batch["mask"])
     return loss, {"topk_kl": float(loss.detach())}
 
 
-@register("sft")
+@OBJECTIVES.register("sft")
 def sft(logits, batch, cfg, temperature):
     """Cross-entropy on teacher-written tokens (offline KD, corrections)."""
     loss = losses.sft_on_teacher(logits, _targets(batch), batch["mask"])

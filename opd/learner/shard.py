@@ -115,7 +115,7 @@ class LearnerShard:
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """One optimizer step on this shard's slice: `accum` micro-batches, then DeepSpeed's all-reduce/step."""
         t0 = time.perf_counter()
-        loss_fn = objective.get(self.loss_cfg.type)
+        loss_fn = objective.OBJECTIVES.get(self.loss_cfg.type)
         mbs = self.cfg.micro_batch_size
         chunks = [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
         if len(chunks) != self.accum:

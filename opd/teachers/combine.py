@@ -1,18 +1,21 @@
 """Combine several teachers' signals for the same sample into one `Scored` (pure numpy).
 
-Every rule has the signature of `Rule`:
+Two kinds of `combine.rule`:
+- merging rules (`RULES`: `mean_logprob`, `mixture`) turn every weighted teacher's signal for a sample into one;
+- selecting rules pick ONE teacher per prompt before scoring, so only that teacher scores it: `route` by a
+  prompt field (`route_teacher`), `best_of` by judge scores of the teachers' own answers (`pick_best`).
 
-    rule(signals, weights=None, *, vocab_size, top_k, choice=None, scores=None) -> Scored
+Every merging rule has the signature of `Rule`:
 
-- `signals`: teacher name -> that teacher's `Scored` for this sample; its order is the config order
-  (it breaks ties in `best_of`). All teachers must cover the same R response tokens.
+    rule(signals, weights=None, *, vocab_size, top_k) -> Scored
+
+- `signals`: teacher name -> that teacher's `Scored` for this sample, in config order. All teachers must
+  cover the same R response tokens.
 - `weights`: teacher name -> non-negative weight, normalised to sum 1 (`None`: uniform). Used by the
   weighted rules (`mean_logprob`, `mixture`); it must name exactly the teachers in `signals`.
 - `vocab_size` (V): the student vocabulary size, for the estimate of mass outside a teacher's top-k.
 - `top_k`: K of the result; every rule returns `topk_ids`/`topk_logprobs` of shape [R, top_k], sorted by
   decreasing log-prob and padded with (id 0, -inf) as the engine pads.
-- `choice`: the teacher picked by the caller (`route`; see `route_teacher`).
-- `scores`: teacher name -> judge score for this sample (`best_of`).
 
 Top-k entries whose log-prob is -inf are padding: they are never matched, never enter a union and
 never count towards a teacher's top-k mass.
@@ -20,11 +23,12 @@ never count towards a teacher's top-k mass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 
+from opd.registry import Registry
 from opd.rollout.engine import Scored
 
 # A teacher's missing (outside top-k) mass is floored here: float32 top-k log-probs can sum to slightly
@@ -34,42 +38,13 @@ REST_MASS_FLOOR = 1e-7
 
 class Rule(Protocol):
     def __call__(
-        self,
-        signals: Mapping[str, Scored],
-        weights: Mapping[str, float] | None = None,
-        *,
-        vocab_size: int,
-        top_k: int,
-        choice: str | None = None,
-        scores: Mapping[str, float] | None = None,
+        self, signals: Mapping[str, Scored], weights: Mapping[str, float] | None = None, *, vocab_size: int, top_k: int
     ) -> Scored: ...
 
 
-_RULES: dict[str, Rule] = {}
-
-
-def register_rule(name: str) -> Callable[[Rule], Rule]:
-    """Decorator adding a rule under `name`; a second rule with the same name is an error, not an override."""
-
-    def add(fn: Rule) -> Rule:
-        if name in _RULES:
-            raise ValueError(f"combine rule {name!r} is already registered")
-        _RULES[name] = fn
-        return fn
-
-    return add
-
-
-def get_rule(name: str) -> Rule:
-    """The rule registered as `name`; a KeyError lists the valid names so a config typo is obvious."""
-    try:
-        return _RULES[name]
-    except KeyError:
-        raise KeyError(f"unknown combine rule {name!r}; valid rules: {', '.join(sorted(_RULES))}") from None
-
-
-def available_rules() -> list[str]:
-    return sorted(_RULES)
+RULES: Registry[Rule] = Registry("combine rule")
+SELECTING = ("route", "best_of")
+"""Rules that pick one teacher per prompt before scoring, so nothing is merged."""
 
 
 # ---------------------------------------------------------------- validation and helpers
@@ -178,26 +153,16 @@ def _top(ids: np.ndarray, scores: np.ndarray, top_k: int) -> tuple[np.ndarray, n
     return out_ids.astype(np.int64), out_vals.astype(np.float32)
 
 
-def _fit(s: Scored, top_k: int) -> Scored:
-    """One teacher's signal with its top-k sorted, cut or padded to `top_k` (so every rule returns [R, top_k])."""
-    vals = np.asarray(s.topk_logprobs, dtype=np.float64)
-    vals = np.where(vals > -np.inf, vals, -np.inf)  # NaN padding reads as -inf
-    ids, out = _top(np.asarray(s.topk_ids, dtype=np.int64), vals, top_k)
-    return Scored(np.asarray(s.logprobs, dtype=np.float32).copy(), ids, out)
-
-
 # ---------------------------------------------------------------- rules
 
 
-@register_rule("mean_logprob")
+@RULES.register("mean_logprob")
 def mean_logprob(
     signals: Mapping[str, Scored],
     weights: Mapping[str, float] | None = None,
     *,
     vocab_size: int,
     top_k: int,
-    choice: str | None = None,
-    scores: Mapping[str, float] | None = None,
 ) -> Scored:
     """Weighted product of experts: log p(x) ∝ sum_i w_i log p_i(x) — the student is pushed to where all agree.
 
@@ -224,15 +189,13 @@ def mean_logprob(
     return Scored(np.asarray(lp, dtype=np.float32), top_ids, top_vals)
 
 
-@register_rule("mixture")
+@RULES.register("mixture")
 def mixture(
     signals: Mapping[str, Scored],
     weights: Mapping[str, float] | None = None,
     *,
     vocab_size: int,
     top_k: int,
-    choice: str | None = None,
-    scores: Mapping[str, float] | None = None,
 ) -> Scored:
     """Weighted mixture: p(x) = sum_i w_i p_i(x) — covers every teacher's modes (mass-covering).
 
@@ -252,29 +215,6 @@ def mixture(
     mix = np.where(keep, _logsumexp(log_w[:, None, None] + per_teacher, axis=0), -np.inf)
     top_ids, top_vals = _top(ids, mix, top_k)
     return Scored(np.asarray(lp, dtype=np.float32), top_ids, top_vals)
-
-
-@register_rule("route")
-def route(
-    signals: Mapping[str, Scored],
-    weights: Mapping[str, float] | None = None,
-    *,
-    vocab_size: int,
-    top_k: int,
-    choice: str | None = None,
-    scores: Mapping[str, float] | None = None,
-) -> Scored:
-    """The signal of teacher `choice` (picked by the caller, e.g. with `route_teacher`); weights are ignored.
-
-    `signals` may hold only the chosen teacher, so a routed sample need not be scored by the others.
-    """
-    _check_sizes(vocab_size, top_k)
-    _check_signals(signals)
-    if choice is None:
-        raise ValueError("rule 'route' needs choice= (the teacher picked for this sample)")
-    if choice not in signals:
-        raise ValueError(f"routed teacher {choice!r} has no signal; teachers with signals: {list(signals)}")
-    return _fit(signals[choice], top_k)
 
 
 def route_teacher(prompt_fields: Mapping[str, object], key: str, table: Mapping[str, str], default: str | None) -> str:
@@ -305,26 +245,3 @@ def pick_best(scores: Mapping[str, float], order: Sequence[str]) -> str:
         if s > best_score:  # NaN compares False: never taken
             best, best_score = name, s
     return best
-
-
-@register_rule("best_of")
-def best_of(
-    signals: Mapping[str, Scored],
-    weights: Mapping[str, float] | None = None,
-    *,
-    vocab_size: int,
-    top_k: int,
-    choice: str | None = None,
-    scores: Mapping[str, float] | None = None,
-) -> Scored:
-    """The signal of the teacher with the highest judge score for this sample (`pick_best` on `signals` order).
-
-    `scores` must name exactly the teachers in `signals`; weights are ignored.
-    """
-    _check_sizes(vocab_size, top_k)
-    _check_signals(signals)
-    if scores is None:
-        raise ValueError("rule 'best_of' needs scores= (judge score per teacher for this sample)")
-    if set(scores) != set(signals):
-        raise ValueError(f"scores name {sorted(scores)} but the teachers with signals are {list(signals)}")
-    return _fit(signals[pick_best(scores, list(signals))], top_k)

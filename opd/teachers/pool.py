@@ -27,7 +27,7 @@ class TeacherPool:
         model_paths: dict[str, str],
         vocab_size: int,
     ) -> None:
-        from opd.teachers.combine import get_rule
+        from opd.teachers.combine import RULES, SELECTING
 
         self.replicas: dict[str, list] = {}
         for t in teachers:
@@ -37,7 +37,8 @@ class TeacherPool:
                 for i in range(t.replicas)
             ]
         self.weights = {t.name: t.weight for t in teachers}
-        self.rule = get_rule(combine.rule)
+        # Selecting rules route every sample to one teacher, so nothing is ever merged.
+        self.rule = None if combine.rule in SELECTING else RULES.get(combine.rule)
         self.vocab_size = vocab_size
         self.default = teachers[0].name
 
