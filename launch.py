@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
@@ -65,25 +66,72 @@ def main(argv: list[str]) -> dict:
 
 def run(cfg) -> dict:
     """One distillation run on a validated config; returns its summary."""
-    import ray
-
-    from opd.config import to_dict, to_yaml
-    from opd.controller import Controller, IncompatibleModels
+    from opd import checkpoint
+    from opd.config import to_yaml
     from opd.data import DataError, load_prompts
-    from opd.monitoring import Monitor
+    from opd.learner.group import LearnerDied
+    from opd.provenance import build_provenance, licence_problems, write_model_card
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for warning in licence_problems(cfg.teachers)[1]:
+        print(f"licence warning: {warning}", flush=True)
+    if cfg.resume not in (None, "auto"):
+        cfg.output_dir = cfg.resume  # resuming a run directory continues writing into it
+    try:
+        resume = checkpoint.resume_point(cfg.resume, cfg.output_dir)
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     student = resolve(cfg.student.model, cfg.cache_dir)
     teachers = {t.name: resolve(t.model, cfg.cache_dir) for t in cfg.teachers}
+    data_files = {"train": resolve(cfg.data.train, cfg.cache_dir), "eval": resolve(cfg.data.eval, cfg.cache_dir)}
     try:
-        train, skipped_train = load_prompts(resolve(cfg.data.train, cfg.cache_dir), cfg.data.on_error)
-        evals, skipped_eval = load_prompts(resolve(cfg.data.eval, cfg.cache_dir), cfg.data.on_error)
+        train, skipped_train = load_prompts(data_files["train"], cfg.data.on_error)
+        evals, skipped_eval = load_prompts(data_files["eval"], cfg.data.on_error)
     except DataError as err:
         sys.exit(f"data error: {err}")
     if skipped_train or skipped_eval:
         print(f"skipped {skipped_train} train and {skipped_eval} eval lines (data.on_error=skip)", flush=True)
+
+    restarts = cfg.faults.learner_resumes
+    while True:
+        try:
+            summary = attempt(cfg, student, teachers, train, evals, resume)
+            break
+        except LearnerDied as err:
+            resume = checkpoint.latest(cfg.output_dir)
+            if restarts == 0 or resume is None:
+                why = "no checkpoint to resume from (set checkpoint.every)" if resume is None else "no restarts left"
+                sys.exit(f"error: {err}; {why}")
+            restarts -= 1
+            print(f"{err}: restarting every actor from {resume}", flush=True)
+    final = summary["final"]
+    record = build_provenance(
+        cfg,
+        student_path=final["student_path"],
+        student_base=student,
+        teacher_paths=teachers,
+        signal_share=final["teacher_signal_share"],
+        data_files=data_files,
+        started=started,
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    write_model_card(final["student_path"], record)
+    return summary
+
+
+def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: list, resume) -> dict:
+    """Start Ray and every actor, run (or resume) the rounds, and always shut Ray down."""
+    import ray
+
+    from opd import checkpoint
+    from opd.config import to_dict
+    from opd.controller import Controller, IncompatibleModels
+    from opd.data import DataError
+    from opd.monitoring import Monitor
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # under `ray job submit`, the job's --working-dir already carries the code to every node
@@ -92,21 +140,31 @@ def run(cfg) -> dict:
         here = os.path.dirname(os.path.abspath(__file__))
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": here}}
         ray.init(num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
-    monitor = Monitor(cfg.output_dir, to_dict(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.group, cfg.wandb.name)
+    state = checkpoint.load(resume)[0] if resume else {}
+    wandb = cfg.wandb
+    monitor = Monitor(
+        cfg.output_dir,
+        to_dict(cfg),
+        wandb.mode,
+        wandb.project,
+        wandb.group,
+        wandb.name,
+        history=state.get("history"),
+        run_id=state.get("wandb_id"),
+    )
     try:
         controller = Controller(cfg, student, teachers, train, evals, monitor)
         controller.setup()
-        return controller.run()
+        return controller.run(resume)
     except (DataError, IncompatibleModels) as err:
         sys.exit(f"error: {err}")
     finally:
+        monitor.close()
         ray.shutdown()  # also flushes actor logs, so nothing prints after the summary
 
 
 def sweep(config_name: str, overrides: list[str]) -> dict:
     """Run every point of the override grid in turn; all configs are checked before the first run."""
-    import time
-
     from opd import sweep as grid
     from opd.config import ConfigError, load_config
 

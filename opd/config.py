@@ -15,10 +15,13 @@ from typing import Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from opd.provenance import licence_problems
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 BUILTIN = "builtin:"
 LOSSES = ("reverse_kl", "jsd", "topk_kl", "sft")
 COMBINE_RULES = ("mean_logprob", "mixture", "route", "best_of")
+"""Merging rules live in opd/teachers/combine.py (RULES); route and best_of pick one teacher per prompt."""
 
 
 class ConfigError(ValueError):
@@ -58,6 +61,14 @@ class TeacherConfig:
     replicas: int = 1
     gpus_per_replica: float = 0
     cpus_per_replica: float = 1
+    license: str = "unspecified"
+    """SPDX-style id (apache-2.0, mit, llama3.1, gemma, ...) or proprietary-api; checked by the licence gate
+    (opd/provenance.py) and recorded in the student's provenance.json."""
+    source: str = ""
+    """Where the teacher came from (hub id and revision, URL, internal registry); recorded with the student."""
+    accept_terms: str = ""
+    """For a teacher whose terms restrict training other models: why this use is allowed (e.g. a written
+    agreement). Empty refuses such a teacher; any text lets it run and is recorded in provenance.json."""
 
 
 @dataclass
@@ -73,6 +84,52 @@ class CombineConfig:
     """Field value -> teacher name, for rule=route."""
     default: str | None = None
     """Teacher for prompts whose field value has no route (None: such a prompt is an error)."""
+
+
+DEFAULT_RUBRIC = (
+    "Rate the response to the task from 0 (wrong or useless) to 10 (fully correct).\n"
+    "Task: {prompt}\nResponse: {response}\nScore:"
+)
+
+
+@dataclass
+class JudgeConfig:
+    """Whole-response scores stored with every rollout (see opd/teachers/judge.py)."""
+
+    kind: Literal["none", "verifier", "rubric"] = "none"
+    """verifier: a Python function scores the response; rubric: a teacher writes a score (LLM-as-judge)."""
+    verifier: str = "exact_answer"
+    """Built-in verifier name or `module:function` taking (response, answer, fields) -> score in [0, 1] or None."""
+    teacher: str | None = None
+    """The teacher that judges with the rubric (default: the first teacher)."""
+    rubric: str = DEFAULT_RUBRIC
+    """Judge prompt with {prompt} and {response}; the first number the judge writes, out of 10, is the score."""
+    max_tokens: int = 8
+    use: Literal["record", "filter", "weight"] = "record"
+    """record: log only; filter: drop samples scoring below min_score; weight: scale each sample's loss by its score."""
+    min_score: float = 0.5
+    advantage_coef: float = 0.0
+    """loss.type=reverse_kl: add coef x (score - mean score of the prompt's samples) to every token's advantage."""
+
+
+@dataclass
+class CorrectionConfig:
+    """Teacher corrections: keep the student's response up to its first unlikely token, let the teacher finish it.
+
+    The student then learns the kept prefix with the distillation loss and the teacher's continuation with
+    `sft` (cross-entropy), weighted by `sft_weight`.
+    """
+
+    enabled: bool = False
+    threshold: float = -4.0
+    """A student token is unlikely when the teacher's log-prob of it is below this..."""
+    outside_top_k: bool = True
+    """...or (if true) when it is not among the teacher's loss.top_k most likely tokens."""
+    teacher: str | None = None
+    """The teacher that writes continuations (default: the sample's routed teacher, else the first)."""
+    temperature: float = 0.0
+    """Sampling temperature of the continuation (0: greedy)."""
+    sft_weight: float = 1.0
 
 
 @dataclass
@@ -150,6 +207,32 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save learner (model, optimizer), controller state and replay buffer every N rounds; 0 never."""
+    keep: int = 2
+    """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
+
+
+@dataclass
+class FaultConfig:
+    """How a run survives failing actors and bad numbers (see README "What a run survives")."""
+
+    max_restarts: int = 3
+    """Times Ray restarts a dead rollout worker or teacher replica (its in-flight calls are re-issued)."""
+    teacher_timeout_s: float = 600.0
+    """A teacher call taking longer than this is cancelled and retried."""
+    teacher_retries: int = 2
+    """Retries of a timed-out or failed teacher call before the teacher counts as failing."""
+    on_teacher_failure: Literal["drop", "stop"] = "stop"
+    """drop: take a failing teacher out of the pool (if others remain) with a loud warning; stop: end the run."""
+    max_nonfinite_steps: int = 3
+    """Learner steps with a non-finite loss are skipped and counted; this many in a row stops the run."""
+    learner_resumes: int = 1
+    """When a learner shard dies, restart every actor from the last checkpoint this many times."""
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "offline"
     project: str = "opd"
@@ -168,6 +251,8 @@ class OPDConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
     combine: CombineConfig = field(default_factory=CombineConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher_engine: EngineConfig = field(default_factory=EngineConfig)
@@ -175,6 +260,8 @@ class OPDConfig:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mode: Literal["on_policy", "offline"] = "on_policy"
@@ -184,6 +271,9 @@ class OPDConfig:
     cache_dir: str = "outputs/cache"
     """Where built-in models and data are built once and reused."""
     seed: int = 0
+    resume: str | None = None
+    """auto: continue from the newest complete checkpoint in output_dir (start fresh if none);
+    a path: continue from that run directory's newest checkpoint, writing to it."""
 
     def __post_init__(self) -> None:
         check(self)
@@ -205,6 +295,10 @@ def check(cfg: OPDConfig) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"teachers: names must be unique, got {names}")
     check_combine(cfg.combine, names)
+    check_judge_and_correction(cfg, names)
+    errors, _ = licence_problems(cfg.teachers)
+    if errors:
+        raise ConfigError("; ".join(errors))
     for i, t in enumerate(cfg.teachers):
         if t.weight < 0:
             raise ConfigError(f"teachers.{i}.weight={t.weight} must be >= 0")
@@ -227,6 +321,7 @@ def check(cfg: OPDConfig) -> None:
         "loss.top_k": cfg.loss.top_k,
         "eval.every": cfg.eval.every,
         "data.eval_size": cfg.data.eval_size,
+        "faults.max_nonfinite_steps": cfg.faults.max_nonfinite_steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -244,13 +339,24 @@ def check(cfg: OPDConfig) -> None:
             f"a round makes {batch} samples (rollout.prompts_per_round x samples_per_prompt), which must split "
             f"evenly into learner.mini_batches={cfg.learner.mini_batches} x learner.num_shards={cfg.learner.num_shards}"
         )
+    engine = cfg.rollout.engine
+    if cfg.rollout.max_new_tokens >= engine.max_model_len:
+        raise ConfigError(
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in "
+            f"rollout.engine.max_model_len={engine.max_model_len}"
+        )
+    vllm_max_logprobs = 20  # vLLM's default max_logprobs: prompt_logprobs beyond it are refused at scoring time
+    for i, t in enumerate(cfg.teachers):
+        if t.backend == "vllm" and cfg.mode == "on_policy" and cfg.loss.top_k > vllm_max_logprobs:
+            raise ConfigError(
+                f"loss.top_k={cfg.loss.top_k} is more than the {vllm_max_logprobs} log-probs a vLLM teacher returns "
+                f"per token (teachers.{i}.backend=vllm); lower loss.top_k or use backend=transformers"
+            )
 
 
 def check_combine(combine: CombineConfig, names: list[str]) -> None:
     if combine.rule not in COMBINE_RULES:
         raise ConfigError(f"combine.rule={combine.rule!r} is not one of {', '.join(COMBINE_RULES)}")
-    if combine.rule == "best_of":
-        raise ConfigError("combine.rule=best_of ranks teachers by judge scores, and judges are not available yet")
     if combine.rule != "route":
         return
     if not combine.routes and combine.default is None:
@@ -258,6 +364,31 @@ def check_combine(combine: CombineConfig, names: list[str]) -> None:
     for value, teacher in [*combine.routes.items(), ("combine.default", combine.default)]:
         if teacher is not None and teacher not in names:
             raise ConfigError(f"combine.routes: {value!r} -> {teacher!r}, which is not a teacher name ({names})")
+
+
+def check_judge_and_correction(cfg: OPDConfig, names: list[str]) -> None:
+    judge, corr = cfg.judge, cfg.correction
+    for key, teacher in (("judge.teacher", judge.teacher), ("correction.teacher", corr.teacher)):
+        if teacher is not None and teacher not in names:
+            raise ConfigError(f"{key}={teacher!r} is not a teacher name ({names})")
+    if judge.kind == "none":
+        if cfg.combine.rule == "best_of":
+            raise ConfigError("combine.rule=best_of ranks the teachers' own answers by judge score: set judge.kind")
+        if judge.use != "record" or judge.advantage_coef:
+            raise ConfigError(f"judge.use={judge.use} / judge.advantage_coef need a judge: set judge.kind")
+    if judge.kind == "rubric" and ("{prompt}" not in judge.rubric or "{response}" not in judge.rubric):
+        raise ConfigError("judge.rubric must contain {prompt} and {response}")
+    if judge.advantage_coef and cfg.loss.type != "reverse_kl":
+        raise ConfigError("judge.advantage_coef mixes scores into the policy-gradient advantage: loss.type=reverse_kl")
+    if not 0.0 <= judge.min_score <= 1.0:
+        raise ConfigError(f"judge.min_score={judge.min_score} must lie in [0, 1] (scores are normalised)")
+    if corr.enabled:
+        if cfg.mode != "on_policy":
+            raise ConfigError("correction.enabled rewrites the student's own samples: it needs mode=on_policy")
+        if corr.threshold > 0:
+            raise ConfigError(f"correction.threshold={corr.threshold} is a log-prob, so it must be <= 0")
+        if corr.sft_weight < 0 or corr.temperature < 0:
+            raise ConfigError("correction.sft_weight and correction.temperature must be >= 0")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

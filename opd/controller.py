@@ -11,10 +11,12 @@ import random
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import ray
 
+from opd import checkpoint
 from opd.buffer.replay import ReplayBuffer
 from opd.buffer.sample import Sample
 from opd.config import OPDConfig
@@ -23,7 +25,9 @@ from opd.learner.group import LearnerGroup, mean_metrics
 from opd.monitoring import Monitor
 from opd.partition import chunks
 from opd.rollout.worker import RolloutWorker
-from opd.teachers.combine import route_teacher
+from opd.teachers import judge
+from opd.teachers.combine import pick_best, route_teacher
+from opd.teachers.correct import corrected, first_unlikely
 from opd.teachers.pool import TeacherPool
 
 
@@ -32,7 +36,7 @@ class Encoded:
     prompt: Prompt
     ids: list[int]
     teacher: str | None = None
-    """The teacher this prompt is routed to (combine.rule=route), else None."""
+    """The teacher this prompt is routed to (combine.rule=route, or best_of once judged), else None."""
 
 
 def encode(tokenizer, prompts: list[Prompt], limit: int, source: str, route=None) -> list[Encoded]:
@@ -53,31 +57,42 @@ def encode(tokenizer, prompts: list[Prompt], limit: int, source: str, route=None
     return out
 
 
+def _assigned(prompts: list[Encoded]) -> dict[str, str]:
+    """Prompt position -> teacher, for prompts a teacher was picked for (saved, since best_of picks are costly)."""
+    return {str(i): e.teacher for i, e in enumerate(prompts) if e.teacher is not None}
+
+
 def _route(combine, prompt: Prompt) -> str:
     return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default)
 
 
 class IncompatibleModels(ValueError):
-    """Student and teacher cannot be paired as configured (found before any actor starts)."""
+    """Student and teachers cannot be paired as configured (found before any actor starts)."""
 
 
-def check_tokenizers(student_tokenizer, teachers: dict[str, str]) -> None:
-    """Token-level teacher signal is indexed by the student's token ids, so vocabularies must match."""
+def cross_tokenizer_teachers(student_tokenizer, teachers: dict[str, str], rule: str) -> list[str]:
+    """Teachers whose vocabulary differs from the student's: their signal is bridged through text.
+
+    A bridged teacher's log-probs are exact per word-piece sequence (chain rule) but not per student token,
+    so rules that stay exact under re-bracketing (sums of log-probs: mean_logprob; one teacher per prompt:
+    route, best_of) work, while a per-token `mixture` of probabilities would be meaningless.
+    """
     from transformers import AutoTokenizer
 
     vocab = student_tokenizer.get_vocab()
-    for name, path in teachers.items():
-        if AutoTokenizer.from_pretrained(path).get_vocab() != vocab:
-            raise IncompatibleModels(
-                f"teacher {name!r} ({path}) has a different tokenizer than the student; token-level losses need "
-                "the same vocabulary (cross-tokenizer teachers are not supported yet)"
-            )
+    bridged = [name for name, path in teachers.items() if AutoTokenizer.from_pretrained(path).get_vocab() != vocab]
+    if bridged and rule == "mixture" and len(teachers) > 1:
+        raise IncompatibleModels(
+            f"teachers {bridged} use another tokenizer than the student; combine.rule=mixture mixes per-token "
+            "probabilities, which is undefined across tokenizations: use mean_logprob, route or best_of"
+        )
+    return bridged
 
 
 def reverse_kl(samples: list[Sample]) -> float:
-    """Per-token Monte Carlo estimate of KL(student || teacher) on the student's own samples."""
-    tokens = sum(s.num_tokens for s in samples)
-    gap = sum(float((s.logprobs - s.teacher_logprobs).sum()) for s in samples)
+    """Per-token Monte Carlo estimate of KL(student || teacher) on the tokens the student wrote itself."""
+    tokens = sum(s.student_tokens for s in samples)
+    gap = sum(float((s.logprobs - s.teacher_logprobs)[: s.student_tokens].sum()) for s in samples)
     return gap / max(tokens, 1)
 
 
@@ -95,7 +110,8 @@ class Controller:
 
         self.cfg, self.student, self.teacher_paths, self.monitor = cfg, student, teachers, monitor
         self.tokenizer = AutoTokenizer.from_pretrained(student)
-        check_tokenizers(self.tokenizer, teachers)
+        self.bridged = cross_tokenizer_teachers(self.tokenizer, teachers, cfg.combine.rule)
+        self.verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
         limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
         route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
         self.train = encode(self.tokenizer, train, limit, cfg.data.train, route)
@@ -104,6 +120,8 @@ class Controller:
         self.order: list[int] = []
         self.version = 0
         self.teacher_tokens = 0
+        self.signal_share: dict[str, float] = {}
+        self.rollout_restarts = 0
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -115,14 +133,15 @@ class Controller:
             f"(DeepSpeed ZeRO-{cfg.learner.zero_stage}); engines take a minute to load",
             flush=True,
         )
-        worker = ray.remote(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
+        if self.bridged:
+            print(
+                f"teachers {self.bridged} have another tokenizer: their signal is re-tokenized through text", flush=True
+            )
         backend = cfg.rollout.weight_sync
         if backend == "auto":
             backend = "nccl" if cfg.rollout.gpus_per_worker > 0 else "gloo"
-        self.rollout = [
-            worker.remote(self.student, cfg.rollout.engine, backend, cfg.seed + i)
-            for i in range(cfg.rollout.num_workers)
-        ]
+        self.sync_backend = backend
+        self.rollout = self.spawn_rollout()
         self.teachers = TeacherPool(
             cfg.teachers,
             cfg.combine,
@@ -130,54 +149,141 @@ class Controller:
             cfg.rollout.temperature,
             cfg.seed,
             self.teacher_paths,
+            self.student,
             len(self.tokenizer),
+            cfg.faults,
         )
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
         batch = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
         self.learner = LearnerGroup(
-            self.student, cfg.learner, cfg.loss, cfg.rollout.temperature, batch // cfg.learner.mini_batches
+            self.student,
+            cfg.learner,
+            cfg.loss,
+            cfg.rollout.temperature,
+            batch // cfg.learner.mini_batches,
+            cfg.correction.sft_weight,
         )
         ray.get([w.ready.remote() for w in self.rollout])
         self.teachers.ready()
         self.learner.connect_rollout(self.rollout, cfg.rollout.engine.tensor_parallel_size, backend)
         print(f"all actors ready in {time.perf_counter() - t0:.0f}s; weight sync over {backend}", flush=True)
 
+    def spawn_rollout(self) -> list:
+        cfg = self.cfg.rollout
+        worker = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
+        return [
+            worker.remote(self.student, cfg.engine, self.sync_backend, self.cfg.seed + i)
+            for i in range(cfg.num_workers)
+        ]
+
+    def sync_weights(self) -> dict[str, float]:
+        """Push the learner's weights to every rollout worker, replacing the group first if a worker died
+        (a broadcast to a dead peer would hang until the collective times out)."""
+        try:
+            ray.get([w.ready.remote() for w in self.rollout], timeout=120)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            self.restart_rollout()
+        sync = self.learner.send_weights()
+        self.version = int(sync["version"])
+        ray.get([w.set_version.remote(self.version) for w in self.rollout])
+        return sync
+
+    def restart_rollout(self) -> None:
+        """Replace every rollout worker after one died: the weight-transfer group spans them all, so it is rebuilt
+        and the learner's current weights are pushed before any request is re-issued."""
+        self.rollout_restarts += 1
+        print(f"WARNING: a rollout worker died; restarting the rollout group (restart {self.rollout_restarts})")
+        for w in self.rollout:
+            ray.kill(w, no_restart=True)
+        self.rollout = self.spawn_rollout()
+        ray.get([w.ready.remote() for w in self.rollout])
+        self.learner.connect_rollout(self.rollout, self.cfg.rollout.engine.tensor_parallel_size, self.sync_backend)
+        self.learner.send_weights()
+        ray.get([w.set_version.remote(self.version) for w in self.rollout])
+
     # -- the loop ------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, resume: Path | None = None) -> dict:
+        """Rounds until `cfg.rounds`, from the start or from the checkpoint `resume`; returns the summary."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        before = self.evaluate()
-        teacher_acc = self.teacher_accuracy()
-        self.monitor.log({**before, "teacher_accuracy": teacher_acc}, step=0)
-        bar = tqdm(range(1, cfg.rounds + 1), desc="distilling", unit="round", dynamic_ncols=True)
-        metrics: dict[str, float] = {}
+        start = 0
+        if resume is None:
+            before = self.evaluate()
+            self.monitor.log({**before, "teacher_accuracy": self.teacher_accuracy()}, step=0)
+        else:
+            start = self.restore(resume)
+            print(f"resumed from {resume} at round {start}, policy version {self.version}", flush=True)
+        bar = tqdm(range(start + 1, cfg.rounds + 1), desc="distilling", unit="round", dynamic_ncols=True)
+        bar.update(start)
         for r in bar:
             metrics = self.round()
             if r % cfg.eval.every == 0 or r == cfg.rounds:
                 metrics |= self.evaluate()
             self.monitor.log(metrics, step=r)
+            if cfg.checkpoint.every and (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
+                self.save_checkpoint(r)
             bar.set_postfix(
                 {k: f"{metrics[k]:.3g}" for k in ("train/reverse_kl", "eval/student_accuracy") if k in metrics}
             )
         student_path = os.path.abspath(os.path.join(cfg.output_dir, "student"))
         self.learner.save(student_path)
+        first, last = self.monitor.history[0], self.monitor.history[-1]
         final = {
-            "teacher_accuracy": teacher_acc,
-            "student_accuracy_before": before.get("eval/student_accuracy"),
-            "student_accuracy_after": metrics.get("eval/student_accuracy"),
-            "reverse_kl_before": before["eval/reverse_kl"],
-            "reverse_kl_after": metrics["eval/reverse_kl"],
+            "teacher_accuracy": first.get("teacher_accuracy"),
+            "student_accuracy_before": first.get("eval/student_accuracy"),
+            "student_accuracy_after": last.get("eval/student_accuracy"),
+            "reverse_kl_before": first["eval/reverse_kl"],
+            "reverse_kl_after": last["eval/reverse_kl"],
             "teacher_tokens": self.teacher_tokens,
+            "teacher_signal_share": self.signal_share,
             "rounds": cfg.rounds,
             "policy_version": self.version,
             "student_path": student_path,
         }
         return self.monitor.finish(final)
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, round_: int) -> None:
+        """Learner, buffer and controller state for `round_`, complete or not at all (see opd/checkpoint.py)."""
+        tmp = checkpoint.begin(self.cfg.output_dir, round_)
+        self.learner.save_state(str(tmp / "learner"))
+        buffered = ray.get(self.buffer.snapshot.remote())
+        state = {
+            "round": round_,
+            "version": self.version,
+            "teacher_tokens": self.teacher_tokens,
+            "signal_share": self.signal_share,
+            "order": self.order,
+            "rng": checkpoint.rng_state(self.rng),
+            "history": self.monitor.history,
+            "wandb_id": self.monitor.run_id,
+            "assigned": {"train": _assigned(self.train), "eval": _assigned(self.evals)},
+        }
+        checkpoint.commit(tmp, state, buffered, self.cfg.checkpoint.keep)
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint into the running actors and push its weights to the rollout workers."""
+        state, buffered = checkpoint.load(path)
+        step = self.learner.load_state(str(path / "learner"))
+        if step != state["version"]:
+            raise RuntimeError(f"{path}: learner step {step} does not match policy version {state['version']}")
+        ray.get(self.buffer.restore.remote(buffered))
+        self.version, self.teacher_tokens = state["version"], state["teacher_tokens"]
+        self.signal_share, self.order = state["signal_share"], state["order"]
+        checkpoint.set_rng_state(self.rng, state["rng"])
+        for name, encoded in (("train", self.train), ("eval", self.evals)):
+            for index, teacher in state["assigned"][name].items():
+                encoded[int(index)].teacher = teacher
+        self.learner.send_weights()
+        ray.get([w.set_version.remote(self.version) for w in self.rollout])
+        return state["round"]
+
     def round(self) -> dict[str, float]:
         cfg = self.cfg
         prompts = self.next_prompts(cfg.rollout.prompts_per_round)
+        if cfg.combine.rule == "best_of":
+            self.assign_best_teachers(prompts)
 
         t0 = time.perf_counter()
         if cfg.mode == "on_policy":
@@ -188,8 +294,18 @@ class Controller:
         tokens = sum(s.num_tokens for s in samples)
 
         t0 = time.perf_counter()
+        extra: dict[str, float] = {}
         if cfg.mode == "on_policy":
-            scored_by = self.teachers.score(samples, cfg.loss.top_k)
+            share = self.teachers.score(samples, cfg.loss.top_k)
+            for name, n in share.items():
+                self.signal_share[name] = self.signal_share.get(name, 0.0) + n
+                extra[f"teachers/{name}_samples"] = n
+            # Before corrections: the student's own samples, so this is the unbiased on-policy estimate.
+            extra["train/reverse_kl"] = reverse_kl(samples)
+        if cfg.judge.kind != "none":
+            extra |= self.judge(samples)
+        if cfg.correction.enabled:
+            extra |= self.correct(samples)
         score_s = time.perf_counter() - t0
         self.teacher_tokens += tokens
 
@@ -197,9 +313,7 @@ class Controller:
         batch, buffer_stats = ray.get(self.buffer.take.remote(len(samples), self.version))
 
         learner = [self.learner.train_step(mb) for mb in chunks(batch, cfg.learner.mini_batches)]
-        sync = self.learner.send_weights()
-        self.version = int(sync["version"])
-        ray.get([w.set_version.remote(self.version) for w in self.rollout])
+        sync = self.sync_weights()
 
         metrics = {f"learner/{k}": v for k, v in mean_metrics(learner).items()}
         metrics |= {f"buffer/{k}": v for k, v in buffer_stats.items()}
@@ -214,11 +328,9 @@ class Controller:
             "learner_step_s": sum(m["learner_step_s"] for m in learner),
             "tokens_per_s": tokens / gen_s,
             "policy_version": float(self.version),
+            "faults/rollout_restarts": float(self.rollout_restarts),
         }
-        if cfg.mode == "on_policy":
-            metrics["train/reverse_kl"] = reverse_kl(batch)
-            metrics |= {f"teachers/{name}_samples": float(n) for name, n in scored_by.items()}
-        return metrics
+        return metrics | extra
 
     # -- pieces --------------------------------------------------------------------------------
     def next_prompts(self, n: int) -> list[Encoded]:
@@ -232,7 +344,19 @@ class Controller:
         return out
 
     def generate(self, prompts: list[Encoded], n: int, temperature: float, seed: int | None) -> list[Sample]:
-        """The student's samples, prompts spread evenly over the rollout workers."""
+        """The student's samples, prompts spread evenly over the rollout workers; a dead worker is replaced
+        and the request re-issued (same seeds, so the same samples)."""
+        failures = 0
+        while True:
+            try:
+                return self._generate(prompts, n, temperature, seed)
+            except ray.exceptions.RayActorError:
+                failures += 1
+                if failures > self.cfg.faults.max_restarts:
+                    raise
+                self.restart_rollout()
+
+    def _generate(self, prompts: list[Encoded], n: int, temperature: float, seed: int | None) -> list[Sample]:
         parts = chunks(prompts, len(self.rollout))
         refs = []
         for i, (w, part) in enumerate(zip(self.rollout, parts, strict=True)):
@@ -250,8 +374,93 @@ class Controller:
         outs = self.teachers.generate([e.ids for e in prompts], n, self.cfg.rollout.max_new_tokens, temperature, None)
         return self.as_samples(prompts, outs)
 
+    def judge(self, samples: list[Sample]) -> dict[str, float]:
+        """Score every response as a whole, store it with the sample, and apply `judge.use`."""
+        cfg = self.cfg.judge
+        prompts = [self.train[s.prompt_index] for s in samples]
+        texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        records = self.judge_texts(prompts, texts)
+        scores = [r.score for r in records]
+        bonus = judge.group_advantage(scores, [s.prompt_index for s in samples])
+        for s, score, b in zip(samples, scores, bonus, strict=True):
+            s.judge_score = score
+            s.advantage_bonus = cfg.advantage_coef * b
+            if cfg.use == "weight":
+                s.weight = score or 0.0
+            elif cfg.use == "filter":  # kept in the batch with no weight, so every shard's step keeps its shape
+                s.weight = float(score is not None and score >= cfg.min_score)
+        metrics = judge.judge_summary(records)
+        if cfg.use == "filter":
+            metrics["judge/filtered_fraction"] = sum(s.weight == 0 for s in samples) / len(samples)
+        return metrics
+
+    def judge_texts(self, prompts: list[Encoded], texts: list[str]) -> list[judge.JudgeRecord]:
+        """Verdicts on responses to `prompts`: a Python verifier, or a teacher reading the rubric."""
+        cfg = self.cfg.judge
+        if cfg.kind == "verifier":
+            return [
+                judge.run_verifier(self.verifier, t, e.prompt.answer, e.prompt.fields)
+                for e, t in zip(prompts, texts, strict=True)
+            ]
+        asks = [judge.render_rubric(cfg.rubric, e.prompt.text, t) for e, t in zip(prompts, texts, strict=True)]
+        verdicts = self.teachers.complete(cfg.teacher or self.teachers.default, asks, cfg.max_tokens, 0.0)
+        too_long = judge.JudgeRecord(None, error="judge prompt does not fit the judge's context (raise max_model_len)")
+        return [too_long if v is None else judge.parse_score(v) for v in verdicts]
+
+    def assign_best_teachers(self, prompts: list[Encoded]) -> None:
+        """combine.rule=best_of: each teacher answers each new prompt once; the best-judged one teaches it."""
+        todo = [e for e in prompts if e.teacher is None]
+        if not todo:
+            return
+        names = self.teachers.names
+        texts = [e.prompt.text for e in todo]
+        answers = {
+            n: [a or "" for a in self.teachers.complete(n, texts, self.cfg.rollout.max_new_tokens, 0.0)] for n in names
+        }
+        verdicts = {n: self.judge_texts(todo, answers[n]) for n in names}
+        for i, e in enumerate(todo):
+            scores = {n: np.nan if verdicts[n][i].score is None else verdicts[n][i].score for n in names}
+            e.teacher = pick_best(scores, names)
+
+    def correct(self, samples: list[Sample]) -> dict[str, float | list]:
+        """Teacher corrections, in place: cut each response at its first unlikely token, the teacher writes the rest."""
+        cfg, budget = self.cfg.correction, self.cfg.rollout.max_new_tokens
+        found = [
+            first_unlikely(
+                s.response_ids,
+                s.teacher_logprobs,
+                s.teacher_topk_ids,
+                s.teacher_topk_logprobs,
+                cfg.threshold,
+                cfg.outside_top_k,
+            )
+            for s in samples
+        ]
+        todo = [(i, j) for i, j in enumerate(found) if j is not None]
+        if todo:
+            names = [cfg.teacher or samples[i].teacher or self.teachers.default for i, _ in todo]
+            conts = self.teachers.correct(
+                names,
+                [samples[i].prompt_ids.tolist() for i, _ in todo],
+                [samples[i].response_ids[:j].tolist() for i, j in todo],
+                [budget - j for _, j in todo],
+                cfg.temperature,
+                self.cfg.seed + self.version,
+            )
+            for (i, j), cont in zip(todo, conts, strict=True):
+                samples[i] = corrected(samples[i], j, cont)
+        positions = [j for _, j in todo]
+        return {
+            "correction/rate": len(todo) / len(samples),
+            "correction/mean_position": float(np.mean(positions)) if positions else float("nan"),
+            "correction/teacher_tokens": float(sum(s.num_tokens - s.student_tokens for s in samples)),
+            "correction/position": positions,
+        }
+
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy and reverse KL to the teacher on the held-out prompts."""
+        if self.cfg.combine.rule == "best_of":
+            self.assign_best_teachers(self.evals)
         greedy = self.generate(self.evals, 1, 0.0, seed=None)
         accuracy = self.accuracy(greedy)
         metrics = {} if accuracy is None else {"eval/student_accuracy": accuracy}

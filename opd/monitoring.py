@@ -12,31 +12,68 @@ import re
 import warnings
 from pathlib import Path
 
-_SECRET = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+REDACTED = "***"
+_NAME_PARTS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_SECRET_ENDINGS = ("key", "keys", "token", "secret", "secrets", "password", "passwd", "credential", "credentials")
+_SECRET_PARTS = {"auth", "authorization", "pat", "pwd", "bearer"}
+_SECRET_VALUE = re.compile(
+    r"\bsk-[\w-]{16,}|\bhf_[A-Za-z0-9]{20,}|\bgh[pousr]_[A-Za-z0-9]{20,}|\bgithub_pat_\w{20,}|\bxox[abprs]-[\w-]{10,}"
+    r"|\bAKIA[0-9A-Z]{16}\b|\bAIza[\w-]{35}|\bglpat-[\w-]{20,}|\bBearer\s+\S{8,}|://[^/\s:@]+:[^/\s@]+@"
+)
+"""Values that are credentials whatever their key: API keys of common providers, bearer tokens, user:pass@ URLs."""
+_ENV_ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=")
+
+
+def _secret_name(name: str) -> bool:
+    """`api_key`, `WANDB_API_KEY`, `hfToken`, `client-secret`, `db_password`: yes. `max_new_tokens`, `top_k`: no."""
+    parts = [p.lower() for p in _NAME_PARTS.findall(name)]
+    return any(p.endswith(_SECRET_ENDINGS) or p in _SECRET_PARTS for p in parts)
+
+
+def _redact_value(value):
+    if isinstance(value, dict):
+        return redact(value)
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, str):
+        if _SECRET_VALUE.search(value):
+            return REDACTED
+        env = _ENV_ASSIGNMENT.match(value)  # "HF_TOKEN=..." in a list of environment settings
+        if env and _secret_name(env.group(1)):
+            return f"{env.group(1)}={REDACTED}"
+    return value
 
 
 def redact(config: dict) -> dict:
-    """Drop values of keys that look like credentials before anything is logged."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif _SECRET.search(k):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
+    """A copy of `config` safe to log: credentials become `***`, at any depth (dicts, lists of dicts).
+
+    A value is dropped when its key names a credential (whole value, even a dict or list) or when it looks
+    like one itself (a provider API key, a bearer token, a URL with a password), whatever its key.
+    """
+    return {k: REDACTED if _secret_name(str(k)) else _redact_value(v) for k, v in config.items()}
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if v is None or isinstance(v, int | str) or math.isfinite(v) else None) for k, v in metrics.items()}
+def _finite(metrics: dict) -> dict:
+    """NaN/inf become None (JSON has no NaN); lists, dicts, ints and strings pass through."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 class Monitor:
-    def __init__(self, output_dir: str, config: dict, mode: str, project: str, group: str | None, name: str | None):
+    def __init__(
+        self,
+        output_dir: str,
+        config: dict,
+        mode: str,
+        project: str,
+        group: str | None,
+        name: str | None,
+        history: list[dict] | None = None,
+        run_id: str | None = None,
+    ):
+        """`history` and `run_id` come from a checkpoint when resuming: the curves continue in the same W&B run."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.history: list[dict] = []
+        self.history: list[dict] = list(history or [])
         self.run = None
         if mode == "disabled":
             return
@@ -45,21 +82,36 @@ class Monitor:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
-                project=project, group=group, name=name, mode=mode, dir=str(self.output_dir), config=redact(config)
+                project=project,
+                group=group,
+                name=name,
+                mode=mode,
+                dir=str(self.output_dir),
+                config=redact(config),
+                id=run_id,
+                resume="allow" if run_id else None,
             )
         except Exception as err:
             warnings.warn(f"W&B disabled: {err}", stacklevel=2)
 
     @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    @property
     def wandb_dir(self) -> str | None:
         return self.run.dir if self.run is not None else None
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float | list], step: int) -> None:
+        """Scalars become curves; a list of numbers (e.g. correction positions) becomes a W&B histogram."""
         self.history.append({"round": step, **_finite(metrics)})
         if self.run is None:
             return
         try:
-            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+            import wandb
+
+            present = {k: v for k, v in metrics.items() if v is not None and v != []}
+            self.run.log({k: wandb.Histogram(v) if isinstance(v, list) else v for k, v in present.items()}, step=step)
         except Exception as err:
             warnings.warn(f"W&B log failed, disabling it: {err}", stacklevel=2)
             self.run = None
@@ -73,7 +125,17 @@ class Monitor:
         if self.run is not None:
             try:
                 self.run.summary.update({f"final/{k}": v for k, v in _finite(final).items() if v is not None})
-                self.run.finish()
             except Exception as err:
-                warnings.warn(f"W&B finish failed: {err}", stacklevel=2)
+                warnings.warn(f"W&B summary failed: {err}", stacklevel=2)
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Finish the W&B run (idempotent: also called when a run stops early, so the next attempt can resume it)."""
+        if self.run is None:
+            return
+        try:
+            self.run.finish()
+        except Exception as err:
+            warnings.warn(f"W&B finish failed: {err}", stacklevel=2)
+        self.run = None

@@ -14,19 +14,20 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 300):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 300, split_digits: bool = True):
     """A byte-level BPE tokenizer trained on `texts` (256 bytes + merges up to `vocab_size`), one token per digit.
 
     Byte-level round-trips any text exactly (so cross-tokenizer alignment and answer
     parsing see what the model wrote); single digits make arithmetic learnable.
+    `split_digits=False` lets digits merge, giving a genuinely different tokenization of
+    the same text (the cross-tokenizer teacher in tests).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     # The full byte alphabet keeps every text encodable: a character the corpus never showed must not vanish.
     trainer = trainers.BpeTrainer(
@@ -51,12 +52,30 @@ class TinySpec:
     max_positions: int = 256
 
 
-def build_model(tokenizer, spec: TinySpec, seed: int = 0):
-    """A randomly initialised Qwen2 causal LM sized by `spec` for `tokenizer`."""
+def build_model(tokenizer, spec: TinySpec, seed: int = 0, arch: str = "qwen2"):
+    """A randomly initialised causal LM sized by `spec` for `tokenizer`.
+
+    `qwen2` is the default family. `gpt2` is another family whose checkpoints keep the tokenizer's own
+    pre-tokenization (Qwen2's tokenizer class re-imposes single-digit splitting on load), so a GPT-2
+    teacher can genuinely tokenize the same text differently from a Qwen2 student.
+    """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    if arch == "gpt2":
+        gpt2 = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=spec.hidden,
+            n_layer=spec.layers,
+            n_head=spec.heads,
+            n_inner=spec.intermediate,
+            n_positions=spec.max_positions,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return GPT2LMHeadModel(gpt2)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,

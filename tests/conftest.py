@@ -16,7 +16,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
-    """A teacher and a smaller student sharing one tokenizer, plus train/eval prompt files.
+    """Teachers and a smaller student sharing one tokenizer, a teacher with its own tokenizer, and prompt files.
 
     The teacher is untrained but opinionated (scaled embeddings give peaked next-token
     distributions), so the student has a clear target to move towards in a few rounds.
@@ -37,11 +37,16 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
         teacher.model.embed_tokens.weight.mul_(4.0)
     student = build_model(tok, TinySpec(layers=1, hidden=64, heads=2), seed=2)
     big = build_model(tok, TinySpec(layers=3, hidden=128, heads=4, kv_heads=2, intermediate=256), seed=3)
+    # Same text, another family and tokenizer: digits merge ("86" is one token), so its signal must be bridged.
+    other_tok = train_tokenizer([r["prompt"] + r["answer"] for r in rows], 320, split_digits=False)
+    other = build_model(other_tok, TinySpec(layers=2, hidden=64, heads=2), seed=4, arch="gpt2")
     with torch.no_grad():
-        big.model.embed_tokens.weight.mul_(4.0)
+        for model in (big, other):
+            model.get_input_embeddings().weight.mul_(4.0)
     return {
         "teacher": save_checkpoint(teacher, tok, root / "teacher"),
         "big_teacher": save_checkpoint(big, tok, root / "big_teacher"),
+        "other_tokenizer_teacher": save_checkpoint(other, other_tok, root / "other_tokenizer_teacher"),
         "student": save_checkpoint(student, tok, root / "student"),
         "train": write_jsonl(root / "train.jsonl", rows[:240]),
         "eval": write_jsonl(root / "eval.jsonl", rows[240:]),

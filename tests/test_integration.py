@@ -6,48 +6,15 @@ Runs `launch.py` as a user would, then checks what the run claims against the ar
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.stack import ROOT, launch, tiny_overrides
+
 pytestmark = pytest.mark.integration
-
-
-def launch(overrides: list[str], timeout: int = 1500) -> dict:
-    env = dict(os.environ, WANDB_MODE="offline")
-    proc = subprocess.run(
-        [sys.executable, "launch.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:
-    return [
-        f"student.model={assets['student']}",
-        f"teachers.0.model={assets['teacher']}",
-        f"data.train={assets['train']}",
-        f"data.eval={assets['eval']}",
-        "data.eval_size=48",
-        "rollout.prompts_per_round=16",
-        "rollout.samples_per_prompt=4",
-        "rollout.max_new_tokens=8",
-        "learner.micro_batch_size=16",
-        "learner.mini_batches=1",
-        "learner.lr=1e-2",
-        # On-policy reverse KL taken exactly over the teacher's top-k at each position of the student's own
-        # samples: the demo's objective. The sampled-token gradient (loss.type=reverse_kl) is too noisy to
-        # assert a drop within 6 rounds on a random teacher; its maths is unit-tested in test_losses/test_pieces.
-        "loss.type=jsd",
-        "loss.beta=1.0",
-        "eval.samples_per_prompt=2",
-        "eval.every=3",
-        f"output_dir={out}",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +106,14 @@ def test_offline_kd_baseline_runs_with_a_transformers_teacher(tiny_assets, tmp_p
 
 
 def test_two_teachers_of_different_sizes_are_combined(tiny_assets, tmp_path):
-    """Both teachers score every sample; the student moves towards their product of experts."""
+    """Both teachers score every sample; the student moves towards their mixture."""
     teachers = (
         f"teachers=[{{name: small, model: {tiny_assets['teacher']}, weight: 1.0}},"
         f" {{name: big, model: {tiny_assets['big_teacher']}, weight: 2.0}}]"
     )
     overrides = [o for o in tiny_overrides(tiny_assets, tmp_path) if not o.startswith("teachers.")]
     summary = launch(
-        [*overrides, teachers, "combine.rule=mean_logprob", "rollout.num_workers=1", "learner.num_shards=1", "rounds=4"]
+        [*overrides, teachers, "combine.rule=mixture", "rollout.num_workers=1", "learner.num_shards=1", "rounds=4"]
     )
     rounds = summary["rounds"][1:]
     assert all(r["teachers/small_samples"] == r["teachers/big_samples"] == 64 for r in rounds)

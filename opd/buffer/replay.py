@@ -46,5 +46,12 @@ class ReplayBuffer:
         }
         return out, stats
 
+    def snapshot(self) -> list[Sample]:
+        """Everything waiting, oldest first (saved with each checkpoint)."""
+        return list(self.items)
+
+    def restore(self, samples: list[Sample]) -> None:
+        self.items = deque(samples)
+
     def __len__(self) -> int:
         return len(self.items)

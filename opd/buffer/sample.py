@@ -27,7 +27,20 @@ class Sample:
     teacher_logprobs: np.ndarray | None = None
     teacher_topk_ids: np.ndarray | None = None
     teacher_topk_logprobs: np.ndarray | None = None
+    correction_start: int | None = None
+    """Teacher correction: response tokens from here on were written by the teacher (trained by SFT)."""
+    judge_score: float | None = None
+    """Whole-response score in [0, 1] from the judge (None: not judged or no verdict)."""
+    weight: float = 1.0
+    """Scales this sample's loss (judge.use=weight)."""
+    advantage_bonus: float = 0.0
+    """Added to every token's policy-gradient advantage (judge.advantage_coef x group-centred score)."""
 
     @property
     def num_tokens(self) -> int:
         return len(self.response_ids)
+
+    @property
+    def student_tokens(self) -> int:
+        """Response tokens the student wrote itself (all of them unless the teacher corrected it)."""
+        return self.num_tokens if self.correction_start is None else self.correction_start

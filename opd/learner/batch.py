@@ -13,7 +13,9 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
 
     `input_ids` is [B, L]; every other per-token tensor is [B, L-1] and entry t belongs
     to token t+1 (the one logits[:, t] predicts), so losses never shift again.
-    `mask` is 1 on response tokens only.
+    `mask` is 1 on the response tokens the student wrote (the distillation loss reads it), `sft_mask` on
+    tokens a teacher correction wrote (cross-entropy); both carry the sample's weight.
+    `advantage_bonus` is each sample's judge bonus, spread over its `mask`.
     """
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     width = max(lengths)
@@ -22,6 +24,8 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
     attention = torch.zeros((n, width), dtype=torch.long)
     shape = (n, width - 1)
     mask = torch.zeros(shape)
+    sft_mask = torch.zeros(shape)
+    bonus = torch.zeros(shape)
     old_lp = torch.zeros(shape)
     teacher_lp = torch.zeros(shape)
     topk_ids = torch.zeros((*shape, top_k), dtype=torch.long)
@@ -32,7 +36,10 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
         input_ids[i, : p + r] = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))
         attention[i, : p + r] = 1
         span = slice(p - 1, p - 1 + r)
-        mask[i, span] = 1.0
+        own = p - 1 + s.student_tokens
+        mask[i, p - 1 : own] = s.weight
+        sft_mask[i, own : p - 1 + r] = s.weight
+        bonus[i, p - 1 : own] = s.advantage_bonus
         old_lp[i, span] = torch.tensor(np.asarray(s.logprobs, dtype=np.float32))
         if has_teacher:
             teacher_lp[i, span] = torch.tensor(s.teacher_logprobs)
@@ -40,6 +47,10 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
             topk_ids[i, span, :k] = torch.tensor(s.teacher_topk_ids[:, :k])
             topk_lp[i, span, :k] = torch.tensor(s.teacher_topk_logprobs[:, :k])
     batch = {"input_ids": input_ids, "attention_mask": attention, "mask": mask, "old_logprobs": old_lp}
+    if any(s.correction_start is not None for s in samples):
+        batch["sft_mask"] = sft_mask
+    if any(s.advantage_bonus for s in samples):
+        batch["advantage_bonus"] = bonus
     if has_teacher:
         batch |= {"teacher_logprobs": teacher_lp, "topk_ids": topk_ids, "topk_logprobs": topk_lp}
     return batch

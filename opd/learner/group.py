@@ -9,6 +9,18 @@ from opd.learner.shard import LearnerShard
 from opd.partition import chunks
 
 
+class LearnerDied(RuntimeError):
+    """A learner shard's actor died: the step cannot complete; the run restarts from its last checkpoint."""
+
+
+def _get(refs: list) -> list:
+    """ray.get for learner calls: a dead shard becomes `LearnerDied` (every other failure propagates as is)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as err:
+        raise LearnerDied(f"a learner shard died ({type(err).__name__})") from err
+
+
 def mean_metrics(per_shard: list[dict[str, float]]) -> dict[str, float]:
     keys = per_shard[0].keys()
     return {k: sum(m[k] for m in per_shard) / len(per_shard) for k in keys}
@@ -17,17 +29,19 @@ def mean_metrics(per_shard: list[dict[str, float]]) -> dict[str, float]:
 class LearnerGroup:
     """`learner.num_shards` DeepSpeed ranks: rank 0 first (it picks the rendezvous), then the rest."""
 
-    def __init__(self, model: str, cfg, loss_cfg, temperature: float, samples_per_step: int) -> None:
+    def __init__(
+        self, model: str, cfg, loss_cfg, temperature: float, samples_per_step: int, sft_weight: float = 1.0
+    ) -> None:
         actor = ray.remote(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard)(LearnerShard)
         n = cfg.num_shards
-        self.shards = [actor.remote(rank, n, model, cfg, loss_cfg, temperature) for rank in range(n)]
+        self.shards = [actor.remote(rank, n, model, cfg, loss_cfg, temperature, sft_weight) for rank in range(n)]
         address, port = ray.get(self.shards[0].rendezvous.remote())
         ray.get([s.setup.remote(address, port, samples_per_step // n) for s in self.shards])
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """One optimizer step over `samples`, split evenly across shards."""
         parts = chunks(samples, len(self.shards))
-        return mean_metrics(ray.get([s.train_step.remote(p) for s, p in zip(self.shards, parts, strict=True)]))
+        return mean_metrics(_get([s.train_step.remote(p) for s, p in zip(self.shards, parts, strict=True)]))
 
     def connect_rollout(self, rollout_handles: list, ranks_per_engine: int, backend: str) -> None:
         """Form the weight-transfer group: learner rank 0 plus every rank of every rollout engine."""
@@ -36,7 +50,13 @@ class LearnerGroup:
         ray.get([s.init_weight_transfer.remote(address, port, world, rollout_handles, backend) for s in self.shards])
 
     def send_weights(self) -> dict[str, float]:
-        return ray.get([s.send_weights.remote() for s in self.shards])[0]
+        return _get([s.send_weights.remote() for s in self.shards])[0]
+
+    def save_state(self, path: str) -> None:
+        _get([s.save_state.remote(path) for s in self.shards])
+
+    def load_state(self, path: str) -> int:
+        return _get([s.load_state.remote(path) for s in self.shards])[0]
 
     def save(self, path: str) -> None:
         ray.get([s.save.remote(path) for s in self.shards])

@@ -31,8 +31,11 @@ def reverse_kl(logits, batch, cfg, temperature):
     mask = batch["mask"]
     logprobs = losses.token_logprobs(logits, _targets(batch), temperature)
     adv = losses.reverse_kl_advantage(batch["teacher_logprobs"], batch["old_logprobs"], mask)
-    loss, metrics = losses.policy_gradient_loss(logprobs, batch["old_logprobs"], adv, mask, cfg.is_cap)
-    metrics["reverse_kl"] = -_mean(adv, mask)
+    metrics = {"reverse_kl": -_mean(adv, mask)}
+    if "advantage_bonus" in batch:  # judge scores mixed into the advantage
+        adv = adv + batch["advantage_bonus"]
+    loss, pg = losses.policy_gradient_loss(logprobs, batch["old_logprobs"], adv, mask, cfg.is_cap)
+    metrics |= pg
     return loss, metrics
 
 
@@ -63,3 +66,20 @@ def sft(logits, batch, cfg, temperature):
     """Cross-entropy on teacher-written tokens (offline KD, corrections)."""
     loss = losses.sft_on_teacher(logits, _targets(batch), batch["mask"])
     return loss, {"sft_nll": float(loss.detach())}
+
+
+def with_corrections(
+    loss: torch.Tensor, metrics: dict[str, float], logits: torch.Tensor, batch: dict[str, torch.Tensor], weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Add cross-entropy on teacher-corrected tokens to a distillation loss, as one token-weighted mean.
+
+    The distillation loss is a mean over the student's own tokens (`mask`), SFT a mean over the teacher's
+    (`sft_mask`); each is weighted by its share of the micro-batch's tokens, SFT also by `weight`, so a
+    batch with few corrections is not dominated by them.
+    """
+    if "sft_mask" not in batch:
+        return loss, metrics
+    own, fixed = batch["mask"].sum(), batch["sft_mask"].sum()
+    sft = losses.sft_on_teacher(logits, _targets(batch), batch["sft_mask"])
+    total = (loss * own + weight * sft * fixed) / (own + fixed).clamp(min=1)
+    return total, {**metrics, "correction_sft_nll": float(sft.detach())}

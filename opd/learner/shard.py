@@ -71,9 +71,12 @@ class ZeroWeightSource(WeightSource):
 class LearnerShard:
     """Trains its slice of every batch; rank 0 also publishes weights to the rollout workers."""
 
-    def __init__(self, rank: int, world_size: int, model: str, learner_cfg, loss_cfg, temperature: float) -> None:
+    def __init__(
+        self, rank: int, world_size: int, model: str, learner_cfg, loss_cfg, temperature: float, sft_weight: float
+    ) -> None:
         self.rank, self.world_size = rank, world_size
         self.model_path, self.cfg, self.loss_cfg, self.temperature = model, learner_cfg, loss_cfg, temperature
+        self.sft_weight = sft_weight
         self.step = 0
         self.transfer = None
 
@@ -129,6 +132,7 @@ class LearnerShard:
             }
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             loss, metrics = loss_fn(logits.float(), batch, self.loss_cfg, self.temperature)
+            loss, metrics = objective.with_corrections(loss, metrics, logits.float(), batch, self.sft_weight)
             metrics["sampler_learner_logprob_gap"] = logprob_gap(logits, batch, self.temperature)
             # Objectives average over their micro-batch's tokens; reweight so the step is a
             # token mean over the whole shard batch (DeepSpeed divides by `accum` itself).
@@ -166,6 +170,18 @@ class LearnerShard:
         seconds = time.perf_counter() - t0
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in self.transfer.source.metadata())
         return {"weight_sync_s": seconds, "weight_sync_gb_per_s": nbytes / seconds / 1e9, "version": self.step}
+
+    def save_state(self, path: str) -> None:
+        """DeepSpeed checkpoint (model, optimizer and ZeRO partitions of every rank; each rank writes its part)."""
+        self.engine.save_checkpoint(path, tag="state", client_state={"step": self.step})
+
+    def load_state(self, path: str) -> int:
+        """Restore a `save_state` checkpoint; returns the learner step (policy version) it was taken at."""
+        _, client = self.engine.load_checkpoint(path, tag="state")
+        if client is None:
+            raise FileNotFoundError(f"no learner checkpoint under {path}")
+        self.step = int(client["step"])
+        return self.step
 
     def save(self, path: str) -> None:
         """Write a Hugging Face checkpoint of the full (gathered) student; rank 0 writes."""

@@ -2,16 +2,21 @@
 
 A teacher with another tokenizer scores the student's response as text: the student's tokens are decoded,
 the text is re-tokenized for the teacher, and the teacher's per-token log-probs are projected back onto
-the student's tokens by where each token ends in the text (`project_logprobs`).
+the student's tokens by where each token ends in the text (`project_logprobs`). `TokenBridge` puts these
+together for one (student, teacher) tokenizer pair: ids to the teacher, its signal back, and corrections the
+teacher writes back to the student.
 """
 
 from __future__ import annotations
 
 import codecs
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from opd.rollout.engine import Scored
 
 
 @lru_cache(maxsize=1)
@@ -101,6 +106,27 @@ def retokenize(text: str, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
     return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
 
 
+def _checked_src_ends(src_spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    src_ends = np.asarray([e for _, e in src_spans], dtype=np.int64)
+    if np.any(np.diff(src_ends) < 0):
+        raise ValueError(f"student span ends must be non-decreasing, got {src_ends.tolist()}")
+    return src_ends
+
+
+def _owners(src_ends: np.ndarray, dst_spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The student token each teacher token is attributed to, by the rule `project_logprobs` documents.
+
+    Shared with `TokenBridge.project`, so that a position's top-k is kept only where its log-prob came
+    from exactly one teacher token. `src_ends` must be non-empty and non-decreasing.
+    """
+    dst_ends = np.asarray([e for _, e in dst_spans], dtype=np.int64)
+    dst_empty = np.asarray([s >= e for s, e in dst_spans], dtype=bool)
+    owner = np.where(
+        dst_empty, np.searchsorted(src_ends, dst_ends, side="right"), np.searchsorted(src_ends, dst_ends, side="left")
+    )
+    return np.minimum(owner, len(src_ends) - 1)
+
+
 def project_logprobs(
     src_spans: Sequence[tuple[int, int]], dst_spans: Sequence[tuple[int, int]], dst_logprobs: np.ndarray
 ) -> np.ndarray:
@@ -128,19 +154,12 @@ def project_logprobs(
     dst_logprobs = np.asarray(dst_logprobs, dtype=np.float64)
     if len(dst_spans) != len(dst_logprobs):
         raise ValueError(f"{len(dst_spans)} teacher spans but {len(dst_logprobs)} teacher log-probs")
-    src_ends = np.asarray([e for _, e in src_spans], dtype=np.int64)
-    dst_ends = np.asarray([e for _, e in dst_spans], dtype=np.int64)
-    dst_empty = np.asarray([s >= e for s, e in dst_spans], dtype=bool)
+    src_ends = _checked_src_ends(src_spans)
     if len(src_ends) == 0:
-        if len(dst_ends):
+        if len(dst_spans):
             raise ValueError("cannot project teacher log-probs onto an empty student sequence")
         return np.zeros(0, dtype=np.float32)
-    if np.any(np.diff(src_ends) < 0):
-        raise ValueError(f"student span ends must be non-decreasing, got {src_ends.tolist()}")
-    owner = np.where(
-        dst_empty, np.searchsorted(src_ends, dst_ends, side="right"), np.searchsorted(src_ends, dst_ends, side="left")
-    )
-    owner = np.minimum(owner, len(src_ends) - 1)
+    owner = _owners(src_ends, dst_spans)
     out = np.zeros(len(src_ends), dtype=np.float64)
     np.add.at(out, owner, dst_logprobs)
     return out.astype(np.float32)
@@ -153,3 +172,195 @@ def text_to_ids(text: str, tokenizer) -> list[int]:
     text made of characters the tokenizer's alphabet covers.
     """
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+# ---------------------------------------------------------------- a (student, teacher) tokenizer pair
+
+
+@dataclass
+class Bridged:
+    """One sample as the teacher reads it, plus what `TokenBridge.project` needs to map its signal back.
+
+    `prompt_ids`/`response_ids` are teacher ids (the student's own ids for a same-vocabulary teacher). The
+    spans are character spans into the decoded response, one per student / teacher response token; a
+    trailing EOS is one virtual character after the text, so its log-prob maps EOS to EOS. Both are None when
+    nothing was re-tokenized.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    student_spans: list[tuple[int, int]] | None = None
+    teacher_spans: list[tuple[int, int]] | None = None
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS in front of text by itself (Llama does, Qwen and `opd.tiny` do not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and list(tokenizer("", add_special_tokens=True)["input_ids"][:1]) == [bos]
+
+
+class TokenBridge:
+    """Lets a teacher with another tokenizer score and correct the student's samples, through the text.
+
+    Built once per (student, teacher) pair. With equal vocabularies (`same_vocab`) every method is the
+    identity, so same-tokenizer teachers pay nothing. Otherwise ids travel as decoded text, re-tokenized on
+    the other side, and special tokens are handled explicitly rather than as text: a trailing student EOS
+    becomes the teacher's EOS (and back), a leading student BOS the teacher's BOS.
+
+    Signal quality across tokenizers: the sampled tokens' log-probs are exact by the chain rule (summed per
+    student token, see `project_logprobs`), but the top-k is partial: it is kept only at positions where one
+    student token and one teacher token cover the same text, and only for the ids whose token string the
+    student vocabulary also has. Losses that read the top-k therefore see just that shared, aligned part.
+    """
+
+    def __init__(self, student, teacher) -> None:
+        self.student, self.teacher = student, teacher
+        s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+        self.same_vocab: bool = s_vocab == t_vocab
+        self._s_eos, self._t_eos = student.eos_token_id, teacher.eos_token_id
+        self._s_bos, self._t_bos = student.bos_token_id, teacher.bos_token_id
+        self._t_adds_bos = _adds_bos(teacher)
+        # Teacher id -> student id with the identical token string (special tokens by content), -1 if none.
+        self._to_student = np.full(max(t_vocab.values(), default=0) + 1, -1, dtype=np.int64)
+        if self.same_vocab:
+            return
+        for token, t_id in t_vocab.items():
+            s_id = s_vocab.get(token)
+            if s_id is not None:
+                self._to_student[t_id] = s_id
+        # BOS and EOS map to each other whatever their strings; EOS last, so it wins where the two coincide.
+        for t_id, s_id in ((self._t_bos, self._s_bos), (self._t_eos, self._s_eos)):
+            if t_id is not None and s_id is not None and t_id < len(self._to_student):
+                self._to_student[self._to_student == s_id] = -1
+                self._to_student[t_id] = s_id
+
+    # -------------------------------------------------------------- student -> teacher
+
+    def _split_eos(self, response_ids: Sequence[int]) -> tuple[list[int], bool]:
+        ids = [int(t) for t in response_ids]
+        if ids and self._s_eos is not None and ids[-1] == self._s_eos:
+            return ids[:-1], True
+        return ids, False
+
+    def _teacher_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt as teacher ids: the teacher's BOS (if it uses one) + the re-tokenized text."""
+        ids = [int(t) for t in prompt_ids]
+        had_bos = bool(ids) and self._s_bos is not None and ids[0] == self._s_bos
+        if had_bos:
+            ids = ids[1:]
+        bos = [self._t_bos] if self._t_bos is not None and (had_bos or self._t_adds_bos) else []
+        return bos + retokenize(self.student.decode(ids), self.teacher)[0]
+
+    def to_teacher(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Bridged:
+        """The student's sample in teacher ids, for scoring, plus the spans `project` needs.
+
+        Prompt and response are decoded and re-tokenized separately, so the response starts on a token
+        boundary and the teacher scores exactly the response text. Special tokens other than BOS/EOS are
+        decoded as their text; a teacher with an added token of the same content reads it back as that token.
+        A trailing student EOS becomes the teacher's EOS, or is dropped when the teacher has none (the
+        student's EOS position then gets log-prob 0 and no top-k).
+        """
+        if self.same_vocab:
+            return Bridged([int(t) for t in prompt_ids], [int(t) for t in response_ids])
+        body, eos = self._split_eos(response_ids)
+        text = self.student.decode(body)
+        student_spans = char_spans(self.student, body)
+        teacher_ids, teacher_spans = retokenize(text, self.teacher)
+        if eos:
+            student_spans.append((len(text), len(text) + 1))
+            if self._t_eos is not None:
+                teacher_ids.append(self._t_eos)
+                teacher_spans.append((len(text), len(text) + 1))
+        return Bridged(self._teacher_prompt(prompt_ids), teacher_ids, student_spans, teacher_spans)
+
+    def prefix_for_teacher(self, prompt_ids: Sequence[int], response_prefix_ids: Sequence[int]) -> list[int]:
+        """Teacher ids of prompt + partial student response: the context a correcting teacher continues from.
+
+        The partial response is re-tokenized on its own, so its last teacher token may be shorter than the one
+        the teacher would use for the finished word (e.g. "wh" where it would write "what"); the teacher
+        continues from exactly the student's text either way.
+        """
+        if self.same_vocab:
+            return [int(t) for t in (*prompt_ids, *response_prefix_ids)]
+        body, eos = self._split_eos(response_prefix_ids)
+        ids = self._teacher_prompt(prompt_ids) + retokenize(self.student.decode(body), self.teacher)[0]
+        return [*ids, self._t_eos] if eos and self._t_eos is not None else ids
+
+    # -------------------------------------------------------------- teacher -> student
+
+    def project(self, bridged: Bridged, teacher: Scored, top_k: int) -> Scored:
+        """The teacher's signal on its response tokens mapped onto the student's: [R_student], [R_student, top_k].
+
+        `logprobs`: `project_logprobs` (sums of teacher log-probs per student token; exact in total).
+        Top-k: at a student position whose text is exactly one teacher token's (that teacher token and no
+        other attributed to it), each teacher top-k id becomes the student id with the identical token string;
+        ids with no student equivalent are dropped, the rest keep the teacher's order. Every other position
+        gets an empty top-k (id 0, -inf: the engine's padding). Same vocabulary: `teacher` unchanged.
+        """
+        if self.same_vocab:
+            return teacher
+        if bridged.student_spans is None or bridged.teacher_spans is None:
+            raise ValueError("this Bridged carries no spans: it was not made by a cross-tokenizer TokenBridge")
+        src_spans, dst_spans = bridged.student_spans, bridged.teacher_spans
+        t_ids = np.asarray(teacher.topk_ids, dtype=np.int64)
+        t_vals = np.asarray(teacher.topk_logprobs, dtype=np.float32)
+        if t_ids.ndim != 2 or t_ids.shape != t_vals.shape or len(t_ids) != len(dst_spans):
+            raise ValueError(
+                f"expected teacher top-k [{len(dst_spans)}, K], got ids {t_ids.shape} and log-probs {t_vals.shape}"
+            )
+        logprobs = project_logprobs(src_spans, dst_spans, teacher.logprobs)
+        ids = np.zeros((len(src_spans), top_k), dtype=np.int64)
+        vals = np.full((len(src_spans), top_k), -np.inf, dtype=np.float32)
+        src, dst = self._one_to_one(src_spans, dst_spans)
+        if len(src) == 0 or top_k == 0:
+            return Scored(logprobs, ids, vals)
+        table = self._to_student
+        rows_ids, rows_vals = t_ids[dst], t_vals[dst]
+        in_table = (rows_ids >= 0) & (rows_ids < len(table))
+        mapped = np.where(in_table, table[np.where(in_table, rows_ids, 0)], -1)
+        keep = (mapped >= 0) & (rows_vals > -np.inf)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :top_k]  # kept entries first, in the teacher's order
+        keep = np.take_along_axis(keep, order, axis=1)
+        width = order.shape[1]
+        ids[src, :width] = np.where(keep, np.take_along_axis(mapped, order, axis=1), 0)
+        vals[src, :width] = np.where(keep, np.take_along_axis(rows_vals, order, axis=1), -np.inf)
+        return Scored(logprobs, ids, vals)
+
+    @staticmethod
+    def _one_to_one(
+        src_spans: Sequence[tuple[int, int]], dst_spans: Sequence[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(student index, teacher index) pairs covering the same non-empty text, each the other's only partner.
+
+        A token's text runs from the previous token's end to its own end: teacher offsets need not tile the
+        text (a trimmed leading space), but the text before a token is always what precedes that end. Such a
+        pair has the same context and predicts the same string, so their next-token distributions compare.
+        """
+        if not src_spans or not dst_spans:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        src_ends = _checked_src_ends(src_spans)
+        dst_ends = np.asarray([e for _, e in dst_spans], dtype=np.int64)
+        owner = _owners(src_ends, dst_spans)
+        per_src = np.bincount(owner, minlength=len(src_ends))
+        src_starts = np.concatenate([[0], src_ends[:-1]])
+        dst_starts = np.concatenate([[0], dst_ends[:-1]])
+        ok = (
+            (per_src[owner] == 1)
+            & (dst_starts == src_starts[owner])
+            & (dst_ends == src_ends[owner])
+            & (dst_ends > dst_starts)
+        )
+        return owner[ok], np.flatnonzero(ok)
+
+    def to_student_text_ids(self, teacher_ids: Sequence[int]) -> list[int]:
+        """A continuation the teacher wrote (a correction) as student ids, through its text.
+
+        Decoded with the teacher's tokenizer and re-encoded canonically with the student's (`text_to_ids`);
+        a trailing teacher EOS becomes the student's EOS (dropped if the student has none).
+        """
+        ids = [int(t) for t in teacher_ids]
+        if self.same_vocab:
+            return ids
+        eos = bool(ids) and self._t_eos is not None and ids[-1] == self._t_eos
+        out = text_to_ids(self.teacher.decode(ids[:-1] if eos else ids), self.student)
+        return [*out, self._s_eos] if eos and self._s_eos is not None else out

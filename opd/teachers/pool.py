@@ -1,12 +1,33 @@
-"""The teacher pool: named teachers, each with replicas, behind two calls (score, generate)."""
+"""The teacher pool: named teachers, each with replicas, behind a few calls (score, generate, complete, correct).
+
+Failures stay inside the pool: a dead replica is restarted by Ray and its in-flight calls re-run there
+(`faults.max_restarts`); a call that hangs past `faults.teacher_timeout_s` gets its replicas restarted and
+is re-issued, up to `faults.teacher_retries` times; a teacher that still fails stops the run or, with
+`faults.on_teacher_failure=drop`, leaves the pool with a loud warning while the others carry on.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from opd.buffer.sample import Sample
 from opd.partition import chunks
 from opd.teachers.worker import TeacherWorker
+
+T = TypeVar("T")
+
+
+class TeacherFailed(RuntimeError):
+    """A teacher kept failing after every retry."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class TeacherPool:
@@ -25,15 +46,23 @@ class TeacherPool:
         temperature: float,
         seed: int,
         model_paths: dict[str, str],
+        student: str,
         vocab_size: int,
+        faults,
     ) -> None:
         from opd.teachers.combine import RULES, SELECTING
 
+        self.faults = faults
         self.replicas: dict[str, list] = {}
         for t in teachers:
-            actor = ray.remote(num_cpus=t.cpus_per_replica, num_gpus=t.gpus_per_replica)(TeacherWorker)
+            actor = ray.remote(
+                num_cpus=t.cpus_per_replica,
+                num_gpus=t.gpus_per_replica,
+                max_restarts=faults.max_restarts,
+                max_task_retries=faults.max_restarts,
+            )(TeacherWorker)
             self.replicas[t.name] = [
-                actor.remote(model_paths[t.name], t.backend, engine_cfg, temperature, seed + i)
+                actor.remote(model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student)
                 for i in range(t.replicas)
             ]
         self.weights = {t.name: t.weight for t in teachers}
@@ -41,6 +70,8 @@ class TeacherPool:
         self.rule = None if combine.rule in SELECTING else RULES.get(combine.rule)
         self.vocab_size = vocab_size
         self.default = teachers[0].name
+        self.names = [t.name for t in teachers]
+        self.dropped: list[str] = []
 
     def ready(self) -> None:
         ray.get([r.ready.remote() for reps in self.replicas.values() for r in reps])
@@ -51,36 +82,95 @@ class TeacherPool:
         shares = zip(*(chunks(col, len(reps)) for col in columns), strict=True)
         return [getattr(rep, method).remote(*share, *args) for rep, share in zip(reps, shares, strict=True) if share[0]]
 
-    def score(self, samples: list[Sample], top_k: int) -> dict[str, int]:
-        """Fill each sample's teacher fields in place; returns how many samples each teacher scored."""
+    def _wait(self, name: str, refs: list, resubmit: Callable[[], list]) -> list:
+        """Results of `refs` flattened in input order, with the timeout and retries of `faults`."""
+        error: Exception | None = None
+        for attempt in range(self.faults.teacher_retries + 1):
+            if attempt:
+                refs = resubmit()
+            try:
+                return [x for part in ray.get(refs, timeout=self.faults.teacher_timeout_s) for x in part]
+            except (GetTimeoutError, RayActorError, RayTaskError) as err:
+                error = err
+                print(f"WARNING: teacher {name!r} call failed (attempt {attempt + 1}): {err!r:.300}", flush=True)
+                if isinstance(err, GetTimeoutError):  # a hung replica: restart it so the retry is not queued behind
+                    for rep in self.replicas[name]:
+                        ray.kill(rep, no_restart=False)
+        raise TeacherFailed(name, f"teacher {name!r} failed {self.faults.teacher_retries + 1} times: {error!r:.300}")
+
+    def _call(self, name: str, method: str, columns: list[list], *args) -> list:
+        def submit() -> list:
+            return self._submit(name, method, columns, *args)
+
+        return self._wait(name, submit(), submit)
+
+    def _surviving(self, work: Callable[[], T]) -> T:
+        """Run `work`; when a teacher fails for good, drop it (or stop, per config) and run `work` again."""
+        while True:
+            try:
+                return work()
+            except TeacherFailed as err:
+                self._drop(err)
+
+    def _resolve(self, name: str | None) -> str | None:
+        """A dropped teacher's work goes to the first remaining one."""
+        return self.default if name in self.dropped else name
+
+    def _drop(self, err: TeacherFailed) -> None:
+        """Take a failing teacher out (faults.on_teacher_failure=drop and others remain), else re-raise."""
+        name = err.name
+        alive = [n for n in self.names if n != name]
+        if self.faults.on_teacher_failure == "stop" or not alive:
+            raise err
+        warnings.warn(f"teacher {name!r} dropped from the pool: {err}; continuing with {alive}", stacklevel=2)
+        print(f"WARNING: teacher {name!r} dropped after repeated failures; continuing with {alive}", flush=True)
+        self.names, self.dropped = alive, [*self.dropped, name]
+        self.weights.pop(name, None)
+        for rep in self.replicas.pop(name):
+            ray.kill(rep, no_restart=True)
+        self.default = alive[0]
+
+    def score(self, samples: list[Sample], top_k: int) -> dict[str, float]:
+        """Fill each sample's teacher fields in place.
+
+        Returns each teacher's share of the signal, in samples: 1 per routed sample, its normalised weight
+        per merged one (what provenance.json reports as the teacher's contribution).
+        """
+        return self._surviving(lambda: self._score(samples, top_k))
+
+    def _score(self, samples: list[Sample], top_k: int) -> dict[str, float]:
+        for s in samples:
+            s.teacher = self._resolve(s.teacher)
         wanted = {
             name: [i for i, s in enumerate(samples) if s.teacher in (None, name)]
             for name, weight in self.weights.items()
             if weight > 0 or any(s.teacher == name for s in samples)
         }
-        pending = {
-            name: self._submit(
-                name,
-                "score",
-                [[samples[i].prompt_ids.tolist() for i in idx], [samples[i].response_ids.tolist() for i in idx]],
-                top_k,
-            )
+        columns = {
+            name: [[samples[i].prompt_ids.tolist() for i in idx], [samples[i].response_ids.tolist() for i in idx]]
             for name, idx in wanted.items()
             if idx
         }
+        # Every teacher's calls are in flight before any is awaited, so teachers score concurrently.
+        pending = {name: self._submit(name, "score", cols, top_k) for name, cols in columns.items()}
         signals: list[dict] = [{} for _ in samples]
         for name, refs in pending.items():
-            for i, scored in zip(wanted[name], (x for part in ray.get(refs) for x in part), strict=True):
+            results = self._wait(name, refs, lambda n=name: self._submit(n, "score", columns[n], top_k))
+            for i, scored in zip(wanted[name], results, strict=True):
                 signals[i][name] = scored
+        share = dict.fromkeys(wanted, 0.0)
         for s, by_teacher in zip(samples, signals, strict=True):
             if len(by_teacher) == 1:
                 scored = next(iter(by_teacher.values()))
+                share[next(iter(by_teacher))] += 1.0
             else:
                 weights = {n: self.weights[n] for n in by_teacher}
                 scored = self.rule(by_teacher, weights, vocab_size=self.vocab_size, top_k=top_k)
+                for n, w in weights.items():
+                    share[n] += w / sum(weights.values())
             s.teacher_logprobs = scored.logprobs
             s.teacher_topk_ids, s.teacher_topk_logprobs = scored.topk_ids, scored.topk_logprobs
-        return {name: len(idx) for name, idx in wanted.items()}
+        return share
 
     def generate(
         self,
@@ -89,8 +179,29 @@ class TeacherPool:
         max_tokens: int,
         temperature: float,
         seed: int | None,
-        name: str | None = None,
     ) -> list:
-        """A teacher's own samples (the first teacher's unless named), per prompt n (token ids, log-probs)."""
-        refs = self._submit(name or self.default, "generate", [prompt_ids], n, max_tokens, temperature, seed)
-        return [x for part in ray.get(refs) for x in part]
+        """The first teacher's own samples, per prompt n (token ids, log-probs): offline KD, teacher accuracy."""
+        return self._surviving(
+            lambda: self._call(self.default, "generate", [prompt_ids], n, max_tokens, temperature, seed)
+        )
+
+    def complete(self, name: str, texts: list[str], max_tokens: int, temperature: float) -> list[str]:
+        """Teacher `name` continues each text (in its own tokenizer): judge verdicts, best_of answers."""
+        return self._surviving(lambda: self._call(self._resolve(name), "complete", [texts], max_tokens, temperature))
+
+    def correct(
+        self, names: list[str], prompt_ids: list, prefixes: list, budgets: list[int], temperature: float, seed: int
+    ) -> list:
+        """Per item, teacher `names[i]` continues prompt + the kept response prefix: student token ids back."""
+
+        def work() -> list:
+            out: list = [None] * len(names)
+            resolved = [self._resolve(n) for n in names]
+            for name in dict.fromkeys(resolved):
+                idx = [i for i, n in enumerate(resolved) if n == name]
+                cols = [[prompt_ids[i] for i in idx], [prefixes[i] for i in idx], [budgets[i] for i in idx]]
+                for i, ids in zip(idx, self._call(name, "continue_response", cols, temperature, seed), strict=True):
+                    out[i] = ids
+            return out
+
+        return self._surviving(work)

@@ -4,6 +4,10 @@ Two backends give the same `Scored` signal. `vllm` reads prompt log-probs (fast,
 temperature 1). `transformers` runs a plain forward pass, so it scores at any
 temperature and sees the full vocabulary; only the top-k leaves the actor either way,
 since full-vocabulary logits would dwarf everything else moving through Ray.
+
+Everything crossing the actor boundary is in the student's tokens: a teacher with another
+tokenizer re-tokenizes the student's text and projects its signal back (`TokenBridge`), so
+the rest of opd never knows which teachers share the student's vocabulary.
 """
 
 from __future__ import annotations
@@ -11,25 +15,40 @@ from __future__ import annotations
 import numpy as np
 
 from opd.rollout import engine as vllm_engine
+from opd.teachers.align import TokenBridge
 
 
 class TeacherWorker:
-    def __init__(self, model: str, backend: str, engine_cfg, temperature: float, seed: int) -> None:
+    def __init__(self, model: str, backend: str, engine_cfg, temperature: float, seed: int, student: str) -> None:
+        from transformers import AutoTokenizer
+
         self.backend, self.temperature = backend, temperature
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.bridge = TokenBridge(AutoTokenizer.from_pretrained(student), self.tokenizer)
         if backend == "vllm":
             self.llm = vllm_engine.make_llm(model, engine_cfg, seed)
+            self.max_len = engine_cfg.max_model_len
         else:
             import torch
             from transformers import AutoModelForCausalLM
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device).eval()
+            config = self.model.config
+            self.max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
 
     def ready(self) -> str:
         return self.backend
 
     def score(self, prompt_ids: list, response_ids: list, top_k: int) -> list[vllm_engine.Scored]:
-        """Per response token: the teacher's log-prob of the student's token and its own top-k."""
+        """Per student response token: the teacher's log-prob of the student's token and its own top-k."""
+        if self.bridge.same_vocab:
+            return self._score(prompt_ids, response_ids, top_k)
+        bridged = [self.bridge.to_teacher(p, r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        scored = self._score([b.prompt_ids for b in bridged], [b.response_ids for b in bridged], top_k)
+        return [self.bridge.project(b, s, top_k) for b, s in zip(bridged, scored, strict=True)]
+
+    def _score(self, prompt_ids: list, response_ids: list, top_k: int) -> list[vllm_engine.Scored]:
         if self.backend == "vllm":
             return vllm_engine.score(self.llm, prompt_ids, response_ids, top_k)
         return [self._score_hf(p, r, top_k) for p, r in zip(prompt_ids, response_ids, strict=True)]
@@ -48,10 +67,52 @@ class TeacherWorker:
         )
 
     def generate(self, prompt_ids: list, n: int, max_tokens: int, temperature: float, seed: int | None):
-        """The teacher's own responses (offline KD data, teacher accuracy); same format as `engine.sample`."""
+        """The teacher's own responses to student-token prompts (offline KD data, teacher accuracy).
+
+        Same format as `engine.sample`, in student tokens. A teacher with another tokenizer writes text that is
+        re-tokenized for the student; its per-token log-probs then have no student-token meaning and are NaN.
+        """
+        if self.bridge.same_vocab:
+            return self._generate(prompt_ids, n, max_tokens, temperature, seed)
+        contexts = [self.bridge.prefix_for_teacher(list(p), []) for p in prompt_ids]
+        outs = self._generate(contexts, n, max_tokens, temperature, seed)
+        student = [[self.bridge.to_student_text_ids(list(ids)) for ids, _ in pairs] for pairs in outs]
+        return [[(np.asarray(ids, np.int64), np.full(len(ids), np.nan, np.float32)) for ids in per] for per in student]
+
+    def _generate(self, prompt_ids: list, n: int, max_tokens: int, temperature: float, seed: int | None):
+        """Responses in the teacher's own tokens."""
         if self.backend == "vllm":
             return vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed)
         return [self._generate_hf(p, n, max_tokens, temperature, seed) for p in prompt_ids]
+
+    def complete(self, texts: list[str], max_tokens: int, temperature: float) -> list[str | None]:
+        """Text continuations of plain-text prompts, in the teacher's own tokenizer.
+
+        None for a prompt that leaves no room for `max_tokens` in the teacher's context (never truncated:
+        a judge reading half a rubric would give a verdict on something else).
+        """
+        ids = [self.tokenizer.encode(t) for t in texts]
+        fits = [i for i, x in enumerate(ids) if len(x) + max_tokens <= self.max_len]
+        outs = self._generate([ids[i] for i in fits], 1, max_tokens, temperature, None) if fits else []
+        result: list[str | None] = [None] * len(texts)
+        for i, pairs in zip(fits, outs, strict=True):
+            result[i] = self.tokenizer.decode(pairs[0][0], skip_special_tokens=True)
+        return result
+
+    def continue_response(
+        self, prompt_ids: list, prefixes: list, budgets: list[int], temperature: float, seed: int | None
+    ) -> list[np.ndarray]:
+        """A correction: the teacher writes the rest of each response after the kept student prefix.
+
+        Inputs and outputs are student token ids; the continuation is cut to its budget of student tokens.
+        """
+        contexts = [self.bridge.prefix_for_teacher(list(p), list(x)) for p, x in zip(prompt_ids, prefixes, strict=True)]
+        # One batched call at the largest budget; each continuation is then cut to its own.
+        outs = self._generate(contexts, 1, max(budgets), temperature, seed)
+        return [
+            np.asarray(self.bridge.to_student_text_ids(list(pairs[0][0]))[:budget], dtype=np.int64)
+            for pairs, budget in zip(outs, budgets, strict=True)
+        ]
 
     def _generate_hf(self, prompt, n: int, max_tokens: int, temperature: float, seed: int | None):
         import torch

@@ -1,0 +1,126 @@
+"""Several teachers on the real stack: every combine rule, a teacher with another tokenizer, judges, corrections.
+
+Teachers are tiny random models, so the judges' verdicts are mostly "wrong"; the tests check that each
+signal is produced, recorded and trained on, and that the student moves towards the teachers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tests.stack import launch, tiny_overrides
+
+pytestmark = pytest.mark.integration
+
+
+def share_of_digits(response: str, answer: str | None, fields: dict) -> float:
+    """A verifier that tells two random teachers apart (best_of needs them to differ)."""
+    return sum(c.isdigit() for c in response) / max(len(response), 1)
+
+
+def base(assets: dict[str, Path], out: Path) -> list[str]:
+    overrides = [o for o in tiny_overrides(assets, out) if not o.startswith("teachers.")]
+    return [*overrides, "rollout.num_workers=1", "learner.num_shards=1", "learner.zero_stage=2"]
+
+
+def teachers(*entries: str) -> str:
+    return f"teachers=[{', '.join(entries)}]"
+
+
+def rounds(summary: dict) -> list[dict]:
+    return [r for r in summary["rounds"] if r["round"] >= 1]
+
+
+def test_product_of_experts_with_a_cross_tokenizer_teacher_corrections_and_a_verifier(tiny_assets, tmp_path):
+    """A Qwen2 teacher sharing the student's tokenizer and a GPT-2 teacher with its own, as a product of experts."""
+    summary = launch(
+        [
+            *base(tiny_assets, tmp_path),
+            teachers(
+                f"{{name: same, model: {tiny_assets['teacher']}, license: apache-2.0, source: test}}",
+                f"{{name: other, model: {tiny_assets['other_tokenizer_teacher']}, backend: transformers,"
+                " license: mit, source: test, weight: 0.5}",
+            ),
+            "combine.rule=mean_logprob",
+            "judge.kind=verifier",
+            "judge.verifier=exact_answer",
+            "correction.enabled=true",
+            "correction.outside_top_k=false",
+            "correction.threshold=-6",
+            "rounds=4",
+        ]
+    )
+    final = summary["final"]
+    assert final["reverse_kl_after"] < final["reverse_kl_before"], final
+    for r in rounds(summary):
+        assert r["teachers/same_samples"] == pytest.approx(64 / 1.5) and r["teachers/other_samples"] > 0
+        assert 0 < r["correction/rate"] <= 1 and len(r["correction/position"]) == r["correction/rate"] * 64
+        assert r["learner/correction_sft_nll"] > 0 and r["correction/teacher_tokens"] > 0
+        assert r["judge/scored_fraction"] == 1.0 and r["judge/mean_score"] >= 0
+    student = Path(final["student_path"])
+    record = json.loads((student / "provenance.json").read_text())
+    assert [t["licence"]["id"] for t in record["teachers"]] == ["apache-2.0", "mit"]
+    assert sum(t["signal_share"] for t in record["teachers"]) == pytest.approx(1.0)
+    assert "other" in (student / "DISTILLATION.md").read_text()
+
+
+def test_route_by_domain_with_a_rubric_judge_filtering(tiny_assets, tmp_path):
+    """Each prompt goes to the teacher its `domain` names; a teacher judges every response with a rubric."""
+    rows = [json.loads(line) for line in Path(tiny_assets["train"]).read_text().splitlines()]
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{**r, "domain": ["small", "big"][i % 2]} for i, r in enumerate(rows)]
+    )
+    summary = launch(
+        [
+            *base(tiny_assets, tmp_path),
+            f"data.train={train}",
+            teachers(
+                f"{{name: small, model: {tiny_assets['teacher']}}}",
+                f"{{name: big, model: {tiny_assets['big_teacher']}}}",
+            ),
+            "combine.rule=route",
+            "combine.routes={small: small, big: big}",
+            "combine.default=small",
+            "judge.kind=rubric",
+            "judge.teacher=big",
+            "judge.rubric='Task: {prompt}{response} Score (0-10):'",
+            "judge.use=filter",
+            "judge.min_score=0.0",
+            "rounds=2",
+        ]
+    )
+    for r in rounds(summary):
+        assert r["teachers/small_samples"] + r["teachers/big_samples"] == 64
+        assert r["teachers/small_samples"] > 0 and r["teachers/big_samples"] > 0
+        # a random judge rarely writes a number in range: every verdict is either a score or a recorded failure
+        failures = r["judge/parse_failures"] / 64
+        assert r["judge/scored_fraction"] + failures == pytest.approx(1.0)
+        # min_score 0 keeps every scored response and drops (weight 0) every unparsable verdict
+        assert r["judge/filtered_fraction"] == pytest.approx(1.0 - r["judge/scored_fraction"])
+
+
+def test_best_of_picks_the_best_judged_teacher_per_prompt(tiny_assets, tmp_path):
+    summary = launch(
+        [
+            *base(tiny_assets, tmp_path),
+            teachers(
+                f"{{name: small, model: {tiny_assets['teacher']}}}",
+                f"{{name: big, model: {tiny_assets['big_teacher']}}}",
+            ),
+            "combine.rule=best_of",
+            "judge.kind=verifier",
+            "judge.verifier=tests.test_multi_teacher:share_of_digits",
+            "judge.use=weight",
+            "rounds=3",
+        ]
+    )
+    final = summary["final"]
+    assert final["reverse_kl_after"] < final["reverse_kl_before"], final
+    for r in rounds(summary):
+        assert r["teachers/small_samples"] + r["teachers/big_samples"] == 64
+        assert 0 <= r["judge/mean_score"] <= 1
+    assert sum(final["teacher_signal_share"].values()) == 64 * 3
