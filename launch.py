@@ -32,9 +32,9 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
 
 def local_cpus(cfg) -> int:
     """Logical CPUs a local Ray needs so that every actor of the plan can be placed."""
-    need = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_shards * cfg.learner.cpus_per_shard
-    need += sum(t.replicas * t.cpus_per_replica for t in cfg.teachers)
-    return max(int(need + 0.999), os.cpu_count() or 1)
+    from opd.plan import needs
+
+    return max(int(needs(cfg)["CPU"] + 0.999), os.cpu_count() or 1)
 
 
 def resolve(name: str, cache_dir: str) -> str:
@@ -131,7 +131,9 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
     from opd.config import to_dict
     from opd.controller import Controller, IncompatibleModels
     from opd.data import DataError
+    from opd.learner.guard import NonFiniteStep
     from opd.monitoring import Monitor
+    from opd.plan import PlanError
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # under `ray job submit`, the job's --working-dir already carries the code to every node
@@ -156,8 +158,10 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
         controller = Controller(cfg, student, teachers, train, evals, monitor)
         controller.setup()
         return controller.run(resume)
-    except (DataError, IncompatibleModels) as err:
+    except (DataError, IncompatibleModels, PlanError) as err:
         sys.exit(f"error: {err}")
+    except NonFiniteStep as err:  # raised on a learner shard; Ray keeps the original as `cause`
+        sys.exit(f"error: {getattr(err, 'cause', err)}")
     finally:
         monitor.close()
         ray.shutdown()  # also flushes actor logs, so nothing prints after the summary

@@ -345,13 +345,6 @@ def check(cfg: OPDConfig) -> None:
             f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in "
             f"rollout.engine.max_model_len={engine.max_model_len}"
         )
-    vllm_max_logprobs = 20  # vLLM's default max_logprobs: prompt_logprobs beyond it are refused at scoring time
-    for i, t in enumerate(cfg.teachers):
-        if t.backend == "vllm" and cfg.mode == "on_policy" and cfg.loss.top_k > vllm_max_logprobs:
-            raise ConfigError(
-                f"loss.top_k={cfg.loss.top_k} is more than the {vllm_max_logprobs} log-probs a vLLM teacher returns "
-                f"per token (teachers.{i}.backend=vllm); lower loss.top_k or use backend=transformers"
-            )
 
 
 def check_combine(combine: CombineConfig, names: list[str]) -> None:
@@ -423,6 +416,18 @@ def resolve_config_file(name: str) -> Path:
     raise ConfigError(f"--config-name={name}: no such file here or in {CONF_DIR}")
 
 
+def load_yaml(path: Path, seen: tuple[Path, ...] = ()):
+    """A conf/ file with its `base:` chain applied: `base: default` means "the demo, plus these changes"."""
+    data = OmegaConf.load(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = resolve_config_file(str(base))
+    if parent.resolve() in seen:
+        raise ConfigError(f"{path}: base: {base} makes a cycle")
+    return OmegaConf.merge(load_yaml(parent, (*seen, path.resolve())), data)
+
+
 def load_config(config_name: str = "default", overrides: list[str] | None = None) -> OPDConfig:
     """Merge schema <- YAML <- `key=value` overrides, validate, and return plain dataclasses."""
     overrides = overrides or []
@@ -432,7 +437,7 @@ def load_config(config_name: str = "default", overrides: list[str] | None = None
     schema = OmegaConf.structured(OPDConfig)
     path = resolve_config_file(config_name)
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(path))
+        merged = OmegaConf.merge(schema, load_yaml(path))
         for item in overrides:
             # One at a time, so `teachers.0.model=...` indexes the list instead of replacing it with a dict.
             key, value = item.split("=", 1)

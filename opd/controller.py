@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from opd import checkpoint
+from opd import checkpoint, plan
 from opd.buffer.replay import ReplayBuffer
 from opd.buffer.sample import Sample
 from opd.config import OPDConfig
@@ -39,22 +39,34 @@ class Encoded:
     """The teacher this prompt is routed to (combine.rule=route, or best_of once judged), else None."""
 
 
-def encode(tokenizer, prompts: list[Prompt], limit: int, source: str, route=None) -> list[Encoded]:
-    """Tokenize prompts (and route each to a teacher); a prompt with no room for a response is an error."""
-    out = []
+def encode(
+    tokenizer, prompts: list[Prompt], limit: int, source: str, route=None, on_error: str = "fail"
+) -> tuple[list[Encoded], int]:
+    """Tokenize prompts (and route each to a teacher). Returns them and how many were skipped.
+
+    A prompt with no room for a response is an error naming file and line, or skipped and counted
+    with `data.on_error=skip`; an unroutable prompt is always an error (it means a wrong routing table).
+    """
+    out, skipped = [], 0
     for p in prompts:
+        where = f"{source}:{p.line}" if p.line > 0 else f"{source}: prompt #{p.index + 1}"
         ids = tokenizer.encode(p.text)
         if len(ids) > limit:
+            if on_error == "skip":
+                skipped += 1
+                continue
             raise DataError(
-                f"{source}: prompt #{p.index + 1} is {len(ids)} tokens; with rollout.max_new_tokens the limit is "
-                f"{limit} (raise rollout.engine.max_model_len or shorten it)"
+                f"{where}: prompt is {len(ids)} tokens; with rollout.max_new_tokens the limit is {limit} "
+                "(raise rollout.engine.max_model_len, shorten it, or set data.on_error=skip)"
             )
         try:
             teacher = route(p) if route else None
         except ValueError as err:
-            raise DataError(f"{source}: prompt #{p.index + 1}: {err}") from None
+            raise DataError(f"{where}: {err}") from None
         out.append(Encoded(p, ids, teacher))
-    return out
+    if not out:
+        raise DataError(f"{source}: no prompt fits the context ({skipped} too long)")
+    return out, skipped
 
 
 def _assigned(prompts: list[Encoded]) -> dict[str, str]:
@@ -68,6 +80,11 @@ def _route(combine, prompt: Prompt) -> str:
 
 class IncompatibleModels(ValueError):
     """Student and teachers cannot be paired as configured (found before any actor starts)."""
+
+
+def check_top_k(top_k: int, vocab_size: int) -> None:
+    if top_k > vocab_size:
+        raise IncompatibleModels(f"loss.top_k={top_k} is larger than the student's vocabulary ({vocab_size} tokens)")
 
 
 def cross_tokenizer_teachers(student_tokenizer, teachers: dict[str, str], rule: str) -> list[str]:
@@ -110,23 +127,32 @@ class Controller:
 
         self.cfg, self.student, self.teacher_paths, self.monitor = cfg, student, teachers, monitor
         self.tokenizer = AutoTokenizer.from_pretrained(student)
+        check_top_k(cfg.loss.top_k, len(self.tokenizer))
         self.bridged = cross_tokenizer_teachers(self.tokenizer, teachers, cfg.combine.rule)
         self.verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
         limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
         route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
-        self.train = encode(self.tokenizer, train, limit, cfg.data.train, route)
-        self.evals = encode(self.tokenizer, evals[: cfg.data.eval_size], limit, cfg.data.eval, route)
+        self.train, too_long = encode(self.tokenizer, train, limit, cfg.data.train, route, cfg.data.on_error)
+        self.evals, too_long_eval = encode(
+            self.tokenizer, evals[: cfg.data.eval_size], limit, cfg.data.eval, route, cfg.data.on_error
+        )
+        if too_long or too_long_eval:
+            print(f"skipped {too_long} train and {too_long_eval} eval prompts too long for the context", flush=True)
+        self.by_index = {e.prompt.index: e for e in self.train}
         self.rng = random.Random(cfg.seed)
         self.order: list[int] = []
         self.version = 0
         self.teacher_tokens = 0
         self.signal_share: dict[str, float] = {}
         self.rollout_restarts = 0
+        self.examples: list[dict] = []
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
+        plan.check_fit(cfg, ray.cluster_resources())
+        print(plan.describe(cfg), flush=True)
         print(
             f"starting {cfg.rollout.num_workers} rollout workers (vLLM), "
             f"{sum(t.replicas for t in cfg.teachers)} teacher replicas, {cfg.learner.num_shards} learner shards "
@@ -152,6 +178,7 @@ class Controller:
             self.student,
             len(self.tokenizer),
             cfg.faults,
+            cfg.loss.top_k,
         )
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
         batch = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
@@ -162,11 +189,14 @@ class Controller:
             cfg.rollout.temperature,
             batch // cfg.learner.mini_batches,
             cfg.correction.sft_weight,
+            cfg.faults.max_nonfinite_steps,
         )
         ray.get([w.ready.remote() for w in self.rollout])
         self.teachers.ready()
         self.learner.connect_rollout(self.rollout, cfg.rollout.engine.tensor_parallel_size, backend)
         print(f"all actors ready in {time.perf_counter() - t0:.0f}s; weight sync over {backend}", flush=True)
+        roles = {"rollout worker": self.rollout, "learner shard": self.learner.shards}
+        print(plan.placement(roles | {f"teacher {n}": r for n, r in self.teachers.replicas.items()}), flush=True)
 
     def spawn_rollout(self) -> list:
         cfg = self.cfg.rollout
@@ -220,6 +250,7 @@ class Controller:
             metrics = self.round()
             if r % cfg.eval.every == 0 or r == cfg.rounds:
                 metrics |= self.evaluate()
+                self.monitor.table("samples", self.examples, step=r)
             self.monitor.log(metrics, step=r)
             if cfg.checkpoint.every and (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
                 self.save_checkpoint(r)
@@ -304,8 +335,10 @@ class Controller:
             extra["train/reverse_kl"] = reverse_kl(samples)
         if cfg.judge.kind != "none":
             extra |= self.judge(samples)
+        shown = [s.response_ids for s in samples[: self.SHOWN]]
         if cfg.correction.enabled:
             extra |= self.correct(samples)
+        self.examples = self.sample_rows(samples[: self.SHOWN], shown)
         score_s = time.perf_counter() - t0
         self.teacher_tokens += tokens
 
@@ -363,7 +396,8 @@ class Controller:
             if not part:
                 continue
             meta = [{"prompt_index": e.prompt.index, "answer": e.prompt.answer, "teacher": e.teacher} for e in part]
-            s = None if seed is None else self.cfg.seed * 1_000_003 + seed * len(self.rollout) + i
+            # Non-negative: vLLM treats a negative seed as "unseeded", which made eval samples (seed -1) random.
+            s = None if seed is None else (self.cfg.seed * 1_000_003 + seed * len(self.rollout) + i) % 2**31
             refs.append(
                 w.generate.remote([e.ids for e in part], meta, n, self.cfg.rollout.max_new_tokens, temperature, s)
             )
@@ -374,10 +408,31 @@ class Controller:
         outs = self.teachers.generate([e.ids for e in prompts], n, self.cfg.rollout.max_new_tokens, temperature, None)
         return self.as_samples(prompts, outs)
 
+    SHOWN = 8
+    """Samples per eval round in the W&B samples table (and samples.jsonl)."""
+
+    def sample_rows(self, samples: list[Sample], written: list) -> list[dict]:
+        """What a person reads to see what the student does: prompt, its response, the correction, the verdict."""
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        return [
+            {
+                "prompt": decode(s.prompt_ids),
+                "student_response": decode(ids),
+                "teacher_correction": None
+                if s.correction_start is None
+                else decode(s.response_ids[s.correction_start :]),
+                "corrected_at": s.correction_start,
+                "judge_score": s.judge_score,
+                "teacher": s.teacher,
+                "policy_version": s.version,
+            }
+            for s, ids in zip(samples, written, strict=True)
+        ]
+
     def judge(self, samples: list[Sample]) -> dict[str, float]:
         """Score every response as a whole, store it with the sample, and apply `judge.use`."""
         cfg = self.cfg.judge
-        prompts = [self.train[s.prompt_index] for s in samples]
+        prompts = [self.by_index[s.prompt_index] for s in samples]
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         records = self.judge_texts(prompts, texts)
         scores = [r.score for r in records]

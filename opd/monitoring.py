@@ -116,6 +116,22 @@ class Monitor:
             warnings.warn(f"W&B log failed, disabling it: {err}", stacklevel=2)
             self.run = None
 
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        """Example rows as a W&B table and appended to `<output_dir>/<name>.jsonl` (readable without W&B)."""
+        if not rows:
+            return
+        with open(self.output_dir / f"{name}.jsonl", "a") as f:
+            f.writelines(json.dumps({"round": step, **row}) + "\n" for row in rows)
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            columns = list(rows[0])
+            self.run.log({name: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+        except Exception as err:
+            warnings.warn(f"W&B table failed: {err}", stacklevel=2)
+
     def finish(self, final: dict) -> dict:
         """Write summary.json, close W&B, and return the summary."""
         summary = {"final": _finite(final), "rounds": self.history, "wandb_dir": self.wandb_dir}

@@ -91,3 +91,16 @@ def test_combine_rules_match_the_registry():
 def test_bad_combine_settings_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("default", overrides)
+
+
+def test_a_conf_file_can_build_on_another(tmp_path):
+    from opd.config import load_config
+
+    child = tmp_path / "child.yaml"
+    child.write_text("base: default\nrounds: 3\n")
+    cfg = load_config(str(child))
+    assert cfg.rounds == 3 and cfg.loss.type == "jsd"  # the rest comes from conf/default.yaml
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(loop))

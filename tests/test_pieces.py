@@ -85,3 +85,16 @@ def test_reverse_kl_objective_reports_the_sampled_reverse_kl():
 def test_redact_hides_credentials_at_any_depth():
     out = redact({"wandb": {"api_key": "abc", "project": "p"}, "token": "t", "lr": 1})
     assert out == {"wandb": {"api_key": "***", "project": "p"}, "token": "***", "lr": 1}
+
+
+def test_plan_refuses_a_cluster_too_small_naming_every_role():
+    from opd.config import load_config
+    from opd.plan import PlanError, check_fit, needs
+
+    cfg = load_config("default", ["learner.gpus_per_shard=1", "rollout.gpus_per_worker=1"])
+    assert needs(cfg) == {"CPU": 5.0, "GPU": 4.0}
+    check_fit(cfg, {"CPU": 8.0, "GPU": 4.0})
+    with pytest.raises(PlanError, match=r"4 GPU needed, 2 in the cluster(.|\n)*learner\.num_shards x learner"):
+        check_fit(cfg, {"CPU": 8.0, "GPU": 2.0})
+    with pytest.raises(PlanError, match="5 CPU needed, 1 in the cluster"):
+        check_fit(cfg, {"CPU": 1.0, "GPU": 4.0})

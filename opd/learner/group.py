@@ -14,11 +14,19 @@ class LearnerDied(RuntimeError):
 
 
 def _get(refs: list) -> list:
-    """ray.get for learner calls: a dead shard becomes `LearnerDied` (every other failure propagates as is)."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayActorError as err:
-        raise LearnerDied(f"a learner shard died ({type(err).__name__})") from err
+    """ray.get for learner calls: a dead shard becomes `LearnerDied` as soon as it is seen.
+
+    Results are awaited one at a time because the surviving shards of a step block in a collective with
+    the dead one; waiting for all of them would hang until the collective's timeout.
+    """
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as err:
+            raise LearnerDied(f"a learner shard died ({type(err).__name__})") from err
+    return ray.get(refs)
 
 
 def mean_metrics(per_shard: list[dict[str, float]]) -> dict[str, float]:
@@ -30,11 +38,21 @@ class LearnerGroup:
     """`learner.num_shards` DeepSpeed ranks: rank 0 first (it picks the rendezvous), then the rest."""
 
     def __init__(
-        self, model: str, cfg, loss_cfg, temperature: float, samples_per_step: int, sft_weight: float = 1.0
+        self,
+        model: str,
+        cfg,
+        loss_cfg,
+        temperature: float,
+        samples_per_step: int,
+        sft_weight: float = 1.0,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         actor = ray.remote(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard)(LearnerShard)
         n = cfg.num_shards
-        self.shards = [actor.remote(rank, n, model, cfg, loss_cfg, temperature, sft_weight) for rank in range(n)]
+        self.shards = [
+            actor.remote(rank, n, model, cfg, loss_cfg, temperature, sft_weight, max_nonfinite_steps)
+            for rank in range(n)
+        ]
         address, port = ray.get(self.shards[0].rendezvous.remote())
         ray.get([s.setup.remote(address, port, samples_per_step // n) for s in self.shards])
 

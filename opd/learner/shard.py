@@ -12,8 +12,9 @@ import torch
 from vllm.distributed.weight_transfer import ParamMeta, WeightSource
 
 from opd.buffer.sample import Sample
-from opd.learner import objective
+from opd.learner import guard, objective
 from opd.learner.batch import collate
+from opd.plan import Placed
 
 
 def free_port() -> int:
@@ -68,15 +69,24 @@ class ZeroWeightSource(WeightSource):
                 yield names, [p.data for p in params]
 
 
-class LearnerShard:
+class LearnerShard(Placed):
     """Trains its slice of every batch; rank 0 also publishes weights to the rollout workers."""
 
     def __init__(
-        self, rank: int, world_size: int, model: str, learner_cfg, loss_cfg, temperature: float, sft_weight: float
+        self,
+        rank: int,
+        world_size: int,
+        model: str,
+        learner_cfg,
+        loss_cfg,
+        temperature: float,
+        sft_weight: float,
+        max_nonfinite_steps: int,
     ) -> None:
         self.rank, self.world_size = rank, world_size
         self.model_path, self.cfg, self.loss_cfg, self.temperature = model, learner_cfg, loss_cfg, temperature
         self.sft_weight = sft_weight
+        self.nonfinite = guard.SkipCounter(max_nonfinite_steps)
         self.step = 0
         self.transfer = None
 
@@ -125,7 +135,8 @@ class LearnerShard:
             raise ValueError(f"shard {self.rank} got {len(samples)} samples, set up for {self.accum} micro-batches")
         total_tokens = sum(s.num_tokens for s in samples)
         sums: dict[str, float] = {}
-        for chunk in chunks:
+        skipped = False
+        for i, chunk in enumerate(chunks):
             batch = {
                 k: v.to(self.engine.device)
                 for k, v in collate(chunk, self.tokenizer.pad_token_id, self.loss_cfg.top_k).items()
@@ -134,13 +145,19 @@ class LearnerShard:
             loss, metrics = loss_fn(logits.float(), batch, self.loss_cfg, self.temperature)
             loss, metrics = objective.with_corrections(loss, metrics, logits.float(), batch, self.sft_weight)
             metrics["sampler_learner_logprob_gap"] = logprob_gap(logits, batch, self.temperature)
+            if not guard.finite_everywhere(loss.detach()):  # every rank gets the same verdict
+                loss, skipped = guard.safe_loss(loss, logits, finite=False), True
             # Objectives average over their micro-batch's tokens; reweight so the step is a
             # token mean over the whole shard batch (DeepSpeed divides by `accum` itself).
             weight = sum(s.num_tokens for s in chunk) / total_tokens * self.accum
             self.engine.backward(loss * weight)
-            self.engine.step()
+            # The last micro-batch's step() is the optimizer step: with lr 0 if any micro-batch was non-finite.
+            with guard.frozen_lr(self.engine.optimizer, skipped and i == len(chunks) - 1):
+                self.engine.step()
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v * weight / self.accum
+        self.nonfinite.update(skipped)
+        sums |= {"nonfinite_skipped_steps": float(self.nonfinite.total)}
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         sums |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}

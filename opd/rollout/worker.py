@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 
 from opd.buffer.sample import Sample
+from opd.plan import Placed
 from opd.rollout import engine as vllm_engine
 
 
-class RolloutWorker:
+class RolloutWorker(Placed):
     """Samples responses with the current student and receives new weights from the learner.
 
     `version` is the learner step whose weights the engine holds; every sample carries

@@ -49,6 +49,7 @@ class TeacherPool:
         student: str,
         vocab_size: int,
         faults,
+        top_k: int,
     ) -> None:
         from opd.teachers.combine import RULES, SELECTING
 
@@ -62,7 +63,7 @@ class TeacherPool:
                 max_task_retries=faults.max_restarts,
             )(TeacherWorker)
             self.replicas[t.name] = [
-                actor.remote(model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student)
+                actor.remote(model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student, top_k)
                 for i in range(t.replicas)
             ]
         self.weights = {t.name: t.weight for t in teachers}

@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from opd.plan import Placed
 from opd.rollout import engine as vllm_engine
 from opd.teachers.align import TokenBridge
 
 
-class TeacherWorker:
-    def __init__(self, model: str, backend: str, engine_cfg, temperature: float, seed: int, student: str) -> None:
+class TeacherWorker(Placed):
+    def __init__(
+        self, model: str, backend: str, engine_cfg, temperature: float, seed: int, student: str, top_k: int
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.backend, self.temperature = backend, temperature
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.bridge = TokenBridge(AutoTokenizer.from_pretrained(student), self.tokenizer)
         if backend == "vllm":
-            self.llm = vllm_engine.make_llm(model, engine_cfg, seed)
+            # vLLM refuses more prompt log-probs per token than max_logprobs (default 20).
+            self.llm = vllm_engine.make_llm(model, engine_cfg, seed, max_logprobs=max(20, top_k))
             self.max_len = engine_cfg.max_model_len
         else:
             import torch

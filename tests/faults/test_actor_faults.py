@@ -1,4 +1,4 @@
-"""Actors die mid-run (SIGKILL of their processes); the run replaces them and finishes every round."""
+"""Actors die or hang mid-run (SIGKILL / SIGSTOP of their processes); the run recovers and finishes every round."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +25,8 @@ def session_pids(sid: int, title: str) -> list[int]:
     return [int(pid) for pid, s, args in rows if int(s) == sid and args.startswith(title)]
 
 
-def test_killed_rollout_worker_and_teacher_replica_are_replaced(tiny_assets, tmp_path):
-    out = tmp_path / "run"
-    args = [*overrides(tiny_assets, out), "rounds=6", "checkpoint.every=1", "faults.teacher_timeout_s=120"]
+def run_with_fault(args: list[str], out: Path, fault) -> tuple[dict, str]:
+    """Start launch.py, call `fault(session_id)` once round 2 is checkpointed, and return the run's summary."""
     env = dict(os.environ, WANDB_MODE="offline")
     proc = subprocess.Popen(
         [sys.executable, "launch.py", *args],
@@ -43,18 +43,42 @@ def test_killed_rollout_worker_and_teacher_replica_are_replaced(tiny_assets, tmp
         while not marker.exists():
             assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before round 2"
             time.sleep(0.2)
-        victims = session_pids(proc.pid, "ray::RolloutWorker")[:1] + session_pids(proc.pid, "ray::TeacherWorker")[:1]
-        assert len(victims) == 2, victims
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
+        fault(proc.pid)
         stdout, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-4000:]
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1]), stdout
+
+
+def test_dead_rollout_worker_is_replaced_and_a_hung_teacher_restarted(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    args = [*overrides(tiny_assets, out), "rounds=6", "checkpoint.every=1", "faults.teacher_timeout_s=30"]
+
+    def fault(sid: int) -> None:
+        (worker,) = session_pids(sid, "ray::RolloutWorker")
+        teacher = session_pids(sid, "ray::TeacherWorker")[0]
+        os.kill(worker, signal.SIGKILL)  # dies: the rollout group is rebuilt
+        os.kill(teacher, signal.SIGSTOP)  # hangs: the call times out, the replica is restarted, the call retried
+
+    summary, stdout = run_with_fault(args, out, fault)
     rounds = [r for r in summary["rounds"] if r["round"] >= 1]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     assert rounds[-1]["faults/rollout_restarts"] >= 1
+    assert "call failed (attempt 1)" in stdout
     # after the rebuild the new engines hold exactly the learner's weights again
     assert all(r["learner/sampler_learner_logprob_gap"] < 1e-3 for r in rounds[1:])
+
+
+def test_dead_learner_shard_restarts_the_run_from_its_checkpoint(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    args = [*overrides(tiny_assets, out), "rounds=4", "checkpoint.every=1"]
+
+    def fault(sid: int) -> None:
+        os.kill(session_pids(sid, "ray::LearnerShard")[-1], signal.SIGKILL)
+
+    summary, stdout = run_with_fault(args, out, fault)
+    assert "a learner shard died" in stdout and "restarting every actor from" in stdout
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4]
+    assert summary["final"]["policy_version"] == 4

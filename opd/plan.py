@@ -1,0 +1,107 @@
+"""The placement plan: which actors a run starts, what each reserves, and whether the cluster can hold them.
+
+Checked against the cluster's resources right after Ray starts and before any actor is created, so
+"more learner shards than GPUs" is one clear error instead of actors pending forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlanError(ValueError):
+    """The cluster cannot hold the actors the config asks for."""
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    count: int
+    cpus: float
+    gpus: float
+    keys: str
+    """The config keys that size this role (named in errors)."""
+
+
+def roles(cfg) -> list[Role]:
+    out = [
+        Role(
+            "rollout worker",
+            cfg.rollout.num_workers,
+            cfg.rollout.cpus_per_worker,
+            cfg.rollout.gpus_per_worker,
+            "rollout.num_workers x rollout.{cpus,gpus}_per_worker",
+        )
+    ]
+    out += [
+        Role(
+            f"teacher {t.name!r}",
+            t.replicas,
+            t.cpus_per_replica,
+            t.gpus_per_replica,
+            f"teachers.{i}.replicas x teachers.{i}.{{cpus,gpus}}_per_replica",
+        )
+        for i, t in enumerate(cfg.teachers)
+    ]
+    out.append(
+        Role(
+            "learner shard",
+            cfg.learner.num_shards,
+            cfg.learner.cpus_per_shard,
+            cfg.learner.gpus_per_shard,
+            "learner.num_shards x learner.{cpus,gpus}_per_shard",
+        )
+    )
+    return out
+
+
+def needs(cfg) -> dict[str, float]:
+    """Total CPUs and GPUs the plan reserves."""
+    rs = roles(cfg)
+    return {"CPU": sum(r.count * r.cpus for r in rs), "GPU": sum(r.count * r.gpus for r in rs)}
+
+
+def check_fit(cfg, available: dict[str, float]) -> None:
+    """A PlanError naming every role and its keys when the cluster's totals cannot hold the plan.
+
+    Totals are a necessary condition (a GPU actor also needs a single node with that many GPUs free, which
+    Ray reports as pending); on an autoscaling cluster raise the limits or start the nodes first.
+    """
+    want = needs(cfg)
+    short = {k: (v, available.get(k, 0.0)) for k, v in want.items() if v > available.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    lines = [f"  {r.count} x {r.name}: {r.cpus:g} CPU, {r.gpus:g} GPU each  ({r.keys})" for r in roles(cfg)]
+    missing = ", ".join(f"{v:g} {k} needed, {have:g} in the cluster" for k, (v, have) in short.items())
+    raise PlanError(f"the cluster cannot hold this run: {missing}. The plan:\n" + "\n".join(lines))
+
+
+def describe(cfg) -> str:
+    """One line per role, printed at start."""
+    want = needs(cfg)
+    rows = [f"  {r.count} x {r.name:<22} {r.cpus:g} CPU  {r.gpus:g} GPU each" for r in roles(cfg)]
+    return f"plan ({want['CPU']:g} CPU, {want['GPU']:g} GPU):\n" + "\n".join(rows)
+
+
+class Placed:
+    """Mixin for actor classes: where the actor runs, for the placement printed at start."""
+
+    def where(self) -> str:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        gpus = ctx.get_accelerator_ids().get("GPU", [])
+        where = f"node {ctx.get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
+        return where + (f", GPU {','.join(map(str, gpus))}" if gpus else "")
+
+
+def placement(handles: dict[str, list]) -> str:
+    """Where each started actor landed: role, node address and the GPUs Ray gave it."""
+    import ray
+
+    rows = [
+        f"  {role} {i}: {where}"
+        for role, actors in handles.items()
+        for i, where in enumerate(ray.get([a.where.remote() for a in actors]))
+    ]
+    return "placement:\n" + "\n".join(rows)
