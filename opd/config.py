@@ -153,6 +153,9 @@ class RolloutConfig:
     gpus_per_worker: float = 0
     """GPUs each rollout worker reserves (vLLM tensor parallel size on a GPU cluster)."""
     cpus_per_worker: float = 1
+    colocate: bool = False
+    """Rollout worker i and learner shard i share placement bundle i (the same GPUs); engines sleep (vLLM sleep
+    mode frees their memory) while the learner steps and wake for the weight sync. GPUs only."""
     weight_sync: Literal["auto", "gloo", "nccl"] = "auto"
     """Learner -> rollout transport: auto is nccl when rollout workers have GPUs, else gloo (CPU)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -244,6 +247,10 @@ class WandbConfig:
 class RayConfig:
     address: str | None = None
     """Existing cluster to join (or set RAY_ADDRESS); a local one is started otherwise."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy for each role's actors: PACK fills few nodes, SPREAD spreads over many."""
+    placement_timeout_s: float = 120.0
+    """How long to wait for the cluster to place every role before failing with the plan."""
 
 
 @dataclass
@@ -339,6 +346,17 @@ def check(cfg: OPDConfig) -> None:
             f"a round makes {batch} samples (rollout.prompts_per_round x samples_per_prompt), which must split "
             f"evenly into learner.mini_batches={cfg.learner.mini_batches} x learner.num_shards={cfg.learner.num_shards}"
         )
+    if cfg.rollout.colocate:
+        if cfg.rollout.gpus_per_worker <= 0 or cfg.learner.gpus_per_shard <= 0:
+            raise ConfigError(
+                "rollout.colocate shares GPUs between engines and learner: set rollout.gpus_per_worker "
+                "and learner.gpus_per_shard (vLLM sleep mode needs a GPU)"
+            )
+        if cfg.rollout.num_workers != cfg.learner.num_shards:
+            raise ConfigError(
+                f"rollout.colocate pairs rollout worker i with learner shard i: rollout.num_workers="
+                f"{cfg.rollout.num_workers} must equal learner.num_shards={cfg.learner.num_shards}"
+            )
     engine = cfg.rollout.engine
     if cfg.rollout.max_new_tokens >= engine.max_model_len:
         raise ConfigError(

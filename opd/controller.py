@@ -153,6 +153,7 @@ class Controller:
         t0 = time.perf_counter()
         plan.check_fit(cfg, ray.cluster_resources())
         print(plan.describe(cfg), flush=True)
+        self.groups = plan.reserve(cfg)
         print(
             f"starting {cfg.rollout.num_workers} rollout workers (vLLM), "
             f"{sum(t.replicas for t in cfg.teachers)} teacher replicas, {cfg.learner.num_shards} learner shards "
@@ -179,6 +180,7 @@ class Controller:
             len(self.tokenizer),
             cfg.faults,
             cfg.loss.top_k,
+            {t.name: self.groups[f"teacher:{t.name}"] for t in cfg.teachers},
         )
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
         batch = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
@@ -190,6 +192,7 @@ class Controller:
             batch // cfg.learner.mini_batches,
             cfg.correction.sft_weight,
             cfg.faults.max_nonfinite_steps,
+            self.groups["learner"],
         )
         ray.get([w.ready.remote() for w in self.rollout])
         self.teachers.ready()
@@ -202,7 +205,9 @@ class Controller:
         cfg = self.cfg.rollout
         worker = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
         return [
-            worker.remote(self.student, cfg.engine, self.sync_backend, self.cfg.seed + i)
+            worker.options(**plan.slot(self.groups["rollout"], i)).remote(
+                self.student, cfg.engine, self.sync_backend, self.cfg.seed + i, cfg.colocate
+            )
             for i in range(cfg.num_workers)
         ]
 
@@ -345,7 +350,11 @@ class Controller:
         ray.get(self.buffer.add.remote(samples))
         batch, buffer_stats = ray.get(self.buffer.take.remote(len(samples), self.version))
 
+        if cfg.rollout.colocate:  # hand the shared GPUs to the learner
+            ray.get([w.sleep.remote() for w in self.rollout])
         learner = [self.learner.train_step(mb) for mb in chunks(batch, cfg.learner.mini_batches)]
+        if cfg.rollout.colocate:
+            ray.get([w.wake_up.remote() for w in self.rollout])
         sync = self.sync_weights()
 
         metrics = {f"learner/{k}": v for k, v in mean_metrics(learner).items()}

@@ -15,6 +15,8 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Role:
+    key: str
+    """Stable id of the role's placement group: rollout, learner, teacher:<name> (rollout+learner colocated)."""
     name: str
     count: int
     cpus: float
@@ -26,6 +28,7 @@ class Role:
 def roles(cfg) -> list[Role]:
     out = [
         Role(
+            "rollout",
             "rollout worker",
             cfg.rollout.num_workers,
             cfg.rollout.cpus_per_worker,
@@ -35,6 +38,7 @@ def roles(cfg) -> list[Role]:
     ]
     out += [
         Role(
+            f"teacher:{t.name}",
             f"teacher {t.name!r}",
             t.replicas,
             t.cpus_per_replica,
@@ -45,6 +49,7 @@ def roles(cfg) -> list[Role]:
     ]
     out.append(
         Role(
+            "learner",
             "learner shard",
             cfg.learner.num_shards,
             cfg.learner.cpus_per_shard,
@@ -53,6 +58,57 @@ def roles(cfg) -> list[Role]:
         )
     )
     return out
+
+
+def bundles(cfg) -> dict[str, list[dict[str, float]]]:
+    """Placement-group bundles per role; colocated rollout workers and learner shards share one group."""
+    out = {}
+    for r in roles(cfg):
+        bundle = {"CPU": max(r.cpus, 0.01)} | ({"GPU": r.gpus} if r.gpus else {})
+        out[r.key] = [dict(bundle) for _ in range(r.count)]
+    if cfg.rollout.colocate:
+        learner = out.pop("learner")
+        out["rollout"] = [
+            {k: a.get(k, 0) + b.get(k, 0) for k in a | b} for a, b in zip(out["rollout"], learner, strict=True)
+        ]
+    return out
+
+
+def reserve(cfg) -> dict:
+    """One placement group per role (`ray.placement` strategy), ready before any actor starts.
+
+    A group that cannot be placed within `ray.placement_timeout_s` (too few resources on any node, even when
+    the cluster's totals suffice) is a PlanError naming the role; every group is released first.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    groups = {key: placement_group(b, strategy=cfg.ray.placement, name=f"opd-{key}") for key, b in bundles(cfg).items()}
+    pending = {key: pg.ready() for key, pg in groups.items()}
+    ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=cfg.ray.placement_timeout_s)
+    missing = [key for key, ref in pending.items() if ref not in ready]
+    if missing:
+        for pg in groups.values():
+            remove_placement_group(pg)
+        wanted = {key: bundles(cfg)[key] for key in missing}
+        raise PlanError(
+            f"could not place {missing} within ray.placement_timeout_s={cfg.ray.placement_timeout_s:g} with "
+            f"ray.placement={cfg.ray.placement} (bundles {wanted}); each bundle must fit on one node.\n{describe(cfg)}"
+        )
+    if cfg.rollout.colocate:
+        groups["learner"] = groups["rollout"]
+    return groups
+
+
+def slot(group, index: int) -> dict:
+    """Actor options placing an actor in bundle `index` of a placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=index
+        )
+    }
 
 
 def needs(cfg) -> dict[str, float]:

@@ -98,3 +98,29 @@ def test_plan_refuses_a_cluster_too_small_naming_every_role():
         check_fit(cfg, {"CPU": 8.0, "GPU": 2.0})
     with pytest.raises(PlanError, match="5 CPU needed, 1 in the cluster"):
         check_fit(cfg, {"CPU": 1.0, "GPU": 4.0})
+
+
+def test_placement_bundles_per_role_and_colocation_shares_them():
+    from opd.config import ConfigError, load_config
+    from opd.plan import bundles
+
+    cfg = load_config("default", ["learner.gpus_per_shard=1", "rollout.gpus_per_worker=0.5"])
+    out = bundles(cfg)
+    assert set(out) == {"rollout", "teacher:addition", "learner"}
+    assert out["learner"] == [{"CPU": 1.0, "GPU": 1.0}] * 2 and out["rollout"] == [{"CPU": 1.0, "GPU": 0.5}] * 2
+    shared = bundles(
+        load_config("default", ["learner.gpus_per_shard=0.5", "rollout.gpus_per_worker=0.5", "rollout.colocate=true"])
+    )
+    assert set(shared) == {"rollout", "teacher:addition"} and shared["rollout"] == [{"CPU": 2.0, "GPU": 1.0}] * 2
+    with pytest.raises(ConfigError, match="rollout.colocate .*GPU"):
+        load_config("default", ["rollout.colocate=true"])
+    with pytest.raises(ConfigError, match="rollout.num_workers=1 must equal learner.num_shards=2"):
+        load_config(
+            "default",
+            [
+                "rollout.colocate=true",
+                "rollout.gpus_per_worker=0.5",
+                "learner.gpus_per_shard=0.5",
+                "rollout.num_workers=1",
+            ],
+        )

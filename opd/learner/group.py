@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ray
 
+from opd import plan
 from opd.buffer.sample import Sample
 from opd.learner.shard import LearnerShard
 from opd.partition import chunks
@@ -44,13 +45,16 @@ class LearnerGroup:
         loss_cfg,
         temperature: float,
         samples_per_step: int,
-        sft_weight: float = 1.0,
-        max_nonfinite_steps: int = 3,
+        sft_weight: float,
+        max_nonfinite_steps: int,
+        group,
     ) -> None:
         actor = ray.remote(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard)(LearnerShard)
         n = cfg.num_shards
         self.shards = [
-            actor.remote(rank, n, model, cfg, loss_cfg, temperature, sft_weight, max_nonfinite_steps)
+            actor.options(**plan.slot(group, rank)).remote(
+                rank, n, model, cfg, loss_cfg, temperature, sft_weight, max_nonfinite_steps
+            )
             for rank in range(n)
         ]
         address, port = ray.get(self.shards[0].rendezvous.remote())

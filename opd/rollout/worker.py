@@ -18,7 +18,8 @@ class RolloutWorker(Placed):
     it, so the buffer and the metrics can prove which policy produced what.
     """
 
-    def __init__(self, model: str, engine_cfg, weight_backend: str, seed: int) -> None:
+    def __init__(self, model: str, engine_cfg, weight_backend: str, seed: int, colocate: bool = False) -> None:
+        sleep = {"enable_sleep_mode": True} if colocate else {}  # GPU only: frees memory for a colocated learner
         self.llm = vllm_engine.make_llm(
             model,
             engine_cfg,
@@ -26,6 +27,7 @@ class RolloutWorker(Placed):
             logprobs_mode="processed_logprobs",
             worker_extension_cls="opd.rollout.weight_sync.WorkerExtension",
             weight_transfer_config={"backend": weight_backend},
+            **sleep,
         )
         self.version = 0
 
@@ -66,6 +68,13 @@ class RolloutWorker(Placed):
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights offloaded, KV cache dropped) while a colocated learner steps."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
     def set_version(self, version: int) -> None:
         self.version = version

@@ -15,6 +15,7 @@ from typing import TypeVar
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from opd import plan
 from opd.buffer.sample import Sample
 from opd.partition import chunks
 from opd.teachers.worker import TeacherWorker
@@ -50,6 +51,7 @@ class TeacherPool:
         vocab_size: int,
         faults,
         top_k: int,
+        groups: dict,
     ) -> None:
         from opd.teachers.combine import RULES, SELECTING
 
@@ -63,7 +65,9 @@ class TeacherPool:
                 max_task_retries=faults.max_restarts,
             )(TeacherWorker)
             self.replicas[t.name] = [
-                actor.remote(model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student, top_k)
+                actor.options(**plan.slot(groups[t.name], i)).remote(
+                    model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student, top_k
+                )
                 for i in range(t.replicas)
             ]
         self.weights = {t.name: t.weight for t in teachers}
