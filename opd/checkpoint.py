@@ -38,10 +38,10 @@ def begin(output_dir: str | Path, round_: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, state: dict, buffer: list, keep: int) -> Path:
-    """Write the controller state and buffer into `tmp`, rename it complete, and prune old checkpoints."""
+def commit(tmp: Path, state: dict, samples: object, keep: int) -> Path:
+    """Write the controller state and the samples in flight into `tmp`, rename it complete, prune old ones."""
     with open(tmp / "buffer.pkl", "wb") as f:
-        pickle.dump(buffer, f)
+        pickle.dump(samples, f)
     with open(tmp / STATE, "w") as f:
         json.dump(state, f)
         f.flush()
@@ -55,8 +55,8 @@ def commit(tmp: Path, state: dict, buffer: list, keep: int) -> Path:
     return final
 
 
-def load(path: Path) -> tuple[dict, list]:
-    """The controller state and buffered samples of a complete checkpoint."""
+def load(path: Path) -> tuple[dict, object]:
+    """The controller state and the samples saved with it (`commit`) of a complete checkpoint."""
     with open(path / "buffer.pkl", "rb") as f:
         buffer = pickle.load(f)
     return json.loads((path / STATE).read_text()), buffer

@@ -210,6 +210,14 @@ class EvalConfig:
 
 
 @dataclass
+class PipelineConfig:
+    mode: Literal["sync", "async"] = "sync"
+    """sync: generate, score, learn and sync in turn. async: while the learner trains on round r, the rollout
+    workers already generate round r+1 with the weights they hold, so samples are one policy version old when
+    trained on (buffer.max_staleness must allow 1); truncated importance weights (loss.is_cap) correct for it."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0
     """Save learner (model, optimizer), controller state and replay buffer every N rounds; 0 never."""
@@ -267,6 +275,7 @@ class OPDConfig:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -346,6 +355,17 @@ def check(cfg: OPDConfig) -> None:
             f"a round makes {batch} samples (rollout.prompts_per_round x samples_per_prompt), which must split "
             f"evenly into learner.mini_batches={cfg.learner.mini_batches} x learner.num_shards={cfg.learner.num_shards}"
         )
+    if cfg.pipeline.mode == "async":
+        if cfg.mode != "on_policy":
+            raise ConfigError("pipeline.mode=async overlaps student generation with learning: it needs mode=on_policy")
+        if cfg.buffer.max_staleness < 1:
+            raise ConfigError(
+                "pipeline.mode=async trains on samples one policy version old: buffer.max_staleness must be >= 1"
+            )
+        if cfg.rollout.colocate:
+            raise ConfigError(
+                "rollout.colocate puts the engines to sleep while the learner steps: use pipeline.mode=sync"
+            )
     if cfg.rollout.colocate:
         if cfg.rollout.gpus_per_worker <= 0 or cfg.learner.gpus_per_shard <= 0:
             raise ConfigError(

@@ -32,6 +32,18 @@ from opd.teachers.pool import TeacherPool
 
 
 @dataclass
+class Pending:
+    """A generation in flight (refs), or done (samples): async rounds hold the next round's in `Controller.next`."""
+
+    prompts: list[Encoded]
+    args: tuple
+    """(n, temperature, seed) of the launch, to re-issue it after a worker died."""
+    refs: list
+    samples: list[Sample] | None = None
+    busy_s: float = 0.0
+
+
+@dataclass
 class Encoded:
     prompt: Prompt
     ids: list[int]
@@ -146,6 +158,8 @@ class Controller:
         self.signal_share: dict[str, float] = {}
         self.rollout_restarts = 0
         self.examples: list[dict] = []
+        self.next: Pending | None = None
+        """async: the next round's generation, launched before this round learns."""
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -296,11 +310,18 @@ class Controller:
             "wandb_id": self.monitor.run_id,
             "assigned": {"train": _assigned(self.train), "eval": _assigned(self.evals)},
         }
-        checkpoint.commit(tmp, state, buffered, self.cfg.checkpoint.keep)
+        # async: the next round's samples (already generated, see `round`) travel with the checkpoint, so a
+        # resumed run trains on exactly what an uninterrupted one would.
+        ahead = None if self.next is None else ([e.prompt.index for e in self.next.prompts], self.next.samples)
+        checkpoint.commit(tmp, state, {"buffer": buffered, "ahead": ahead}, self.cfg.checkpoint.keep)
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint into the running actors and push its weights to the rollout workers."""
-        state, buffered = checkpoint.load(path)
+        state, saved = checkpoint.load(path)
+        buffered = saved["buffer"]
+        if saved["ahead"] is not None:
+            indices, samples = saved["ahead"]
+            self.next = Pending([self.by_index[i] for i in indices], (), [], samples)
         step = self.learner.load_state(str(path / "learner"))
         if step != state["version"]:
             raise RuntimeError(f"{path}: learner step {step} does not match policy version {state['version']}")
@@ -315,18 +336,28 @@ class Controller:
         ray.get([w.set_version.remote(self.version) for w in self.rollout])
         return state["round"]
 
-    def round(self) -> dict[str, float]:
+    def launch_round(self) -> Pending:
+        """The next round's prompts, generating with the weights the rollout workers hold now."""
         cfg = self.cfg
         prompts = self.next_prompts(cfg.rollout.prompts_per_round)
         if cfg.combine.rule == "best_of":
             self.assign_best_teachers(prompts)
+        return self.launch(prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature, seed=self.version)
 
-        t0 = time.perf_counter()
+    def round(self) -> dict[str, float]:
+        cfg = self.cfg
+        t_round = time.perf_counter()
         if cfg.mode == "on_policy":
-            samples = self.generate(prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature, seed=self.version)
+            pending, self.next = self.next or self.launch_round(), None
+            samples, gen_busy = self.collect(pending)
+            if cfg.pipeline.mode == "async":  # round r+1 generates while round r is scored and learned
+                self.next = self.launch_round()
         else:
+            prompts = self.next_prompts(cfg.rollout.prompts_per_round)
+            t0 = time.perf_counter()
             samples = self.teacher_samples(prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature)
-        gen_s = time.perf_counter() - t0
+            gen_busy = time.perf_counter() - t0
+        gen_wait = time.perf_counter() - t_round
         tokens = sum(s.num_tokens for s in samples)
 
         t0 = time.perf_counter()
@@ -352,23 +383,37 @@ class Controller:
 
         if cfg.rollout.colocate:  # hand the shared GPUs to the learner
             ray.get([w.sleep.remote() for w in self.rollout])
+        t0 = time.perf_counter()
         learner = [self.learner.train_step(mb) for mb in chunks(batch, cfg.learner.mini_batches)]
+        learn_s = time.perf_counter() - t0
         if cfg.rollout.colocate:
             ray.get([w.wake_up.remote() for w in self.rollout])
+        if self.next is not None:  # new weights land once the in-flight generation is done with the old ones
+            self.collect(self.next)
         sync = self.sync_weights()
+        round_s = time.perf_counter() - t_round
 
         metrics = {f"learner/{k}": v for k, v in mean_metrics(learner).items()}
         metrics |= {f"buffer/{k}": v for k, v in buffer_stats.items()}
+        teacher_bytes = sum(s.teacher_nbytes for s in samples)
         metrics |= {
-            "train/generate_s": gen_s,
-            "train/score_s": score_s,
-            "train/tokens_per_s": tokens / gen_s,
             "train/response_tokens": tokens / len(samples),
             "train/teacher_tokens": float(self.teacher_tokens),
+            "pipeline/round_s": round_s,
+            "pipeline/generate_s": gen_busy,
+            "pipeline/generate_wait_s": gen_wait,
+            "pipeline/score_s": score_s,
+            "pipeline/learn_s": learn_s,
+            "pipeline/sync_s": sync["weight_sync_s"],
+            "pipeline/learner_idle_fraction": 1.0 - learn_s / round_s,
+            "pipeline/samples_per_s": len(samples) / round_s,
+            "pipeline/teacher_bytes_per_token": teacher_bytes / max(tokens, 1),
+            "tokens_per_s": tokens / max(gen_busy, 1e-9),
+            "scored_tokens_per_s": tokens / max(score_s, 1e-9),
             "weight_sync_s": sync["weight_sync_s"],
+            "weight_sync_gb": sync["weight_sync_gb"],
             "weight_sync_gb_per_s": sync["weight_sync_gb_per_s"],
             "learner_step_s": sum(m["learner_step_s"] for m in learner),
-            "tokens_per_s": tokens / gen_s,
             "policy_version": float(self.version),
             "faults/rollout_restarts": float(self.rollout_restarts),
         }
@@ -386,19 +431,11 @@ class Controller:
         return out
 
     def generate(self, prompts: list[Encoded], n: int, temperature: float, seed: int | None) -> list[Sample]:
-        """The student's samples, prompts spread evenly over the rollout workers; a dead worker is replaced
-        and the request re-issued (same seeds, so the same samples)."""
-        failures = 0
-        while True:
-            try:
-                return self._generate(prompts, n, temperature, seed)
-            except ray.exceptions.RayActorError:
-                failures += 1
-                if failures > self.cfg.faults.max_restarts:
-                    raise
-                self.restart_rollout()
+        """The student's samples, prompts spread evenly over the rollout workers."""
+        return self.collect(self.launch(prompts, n, temperature, seed))[0]
 
-    def _generate(self, prompts: list[Encoded], n: int, temperature: float, seed: int | None) -> list[Sample]:
+    def launch(self, prompts: list[Encoded], n: int, temperature: float, seed: int | None) -> Pending:
+        """Start generating on every rollout worker; `collect` waits for it."""
         parts = chunks(prompts, len(self.rollout))
         refs = []
         for i, (w, part) in enumerate(zip(self.rollout, parts, strict=True)):
@@ -410,7 +447,24 @@ class Controller:
             refs.append(
                 w.generate.remote([e.ids for e in part], meta, n, self.cfg.rollout.max_new_tokens, temperature, s)
             )
-        return [s for part in ray.get(refs) for s in part]
+        return Pending(prompts, (n, temperature, seed), refs)
+
+    def collect(self, pending: Pending) -> tuple[list[Sample], float]:
+        """The samples of a launch and the longest worker's busy seconds. A dead worker is replaced and the
+        request re-issued (same seeds, so the same samples)."""
+        failures = 0
+        while pending.samples is None:
+            try:
+                parts = ray.get(pending.refs)
+                pending.samples = [s for part, _ in parts for s in part]
+                pending.busy_s = max((busy for _, busy in parts), default=0.0)
+            except ray.exceptions.RayActorError:
+                failures += 1
+                if failures > self.cfg.faults.max_restarts:
+                    raise
+                self.restart_rollout()
+                pending.refs = self.launch(pending.prompts, *pending.args).refs
+        return pending.samples, pending.busy_s
 
     def teacher_samples(self, prompts: list[Encoded], n: int, temperature: float) -> list[Sample]:
         """Offline KD data: the teacher writes the responses the student will imitate."""

@@ -41,6 +41,12 @@ class Sample:
         return len(self.response_ids)
 
     @property
+    def teacher_nbytes(self) -> int:
+        """Bytes of teacher signal this sample carries (what moves from teacher actors to the learner)."""
+        fields = (self.teacher_logprobs, self.teacher_topk_ids, self.teacher_topk_logprobs)
+        return sum(x.nbytes for x in fields if x is not None)
+
+    @property
     def student_tokens(self) -> int:
         """Response tokens the student wrote itself (all of them unless the teacher corrected it)."""
         return self.num_tokens if self.correction_start is None else self.correction_start

@@ -186,7 +186,12 @@ class LearnerShard(Placed):
         self.transfer.send_weights()
         seconds = time.perf_counter() - t0
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in self.transfer.source.metadata())
-        return {"weight_sync_s": seconds, "weight_sync_gb_per_s": nbytes / seconds / 1e9, "version": self.step}
+        return {
+            "weight_sync_s": seconds,
+            "weight_sync_gb": nbytes / 1e9,
+            "weight_sync_gb_per_s": nbytes / seconds / 1e9,
+            "version": self.step,
+        }
 
     def save_state(self, path: str) -> None:
         """DeepSpeed checkpoint (model, optimizer and ZeRO partitions of every rank; each rank writes its part)."""

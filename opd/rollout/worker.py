@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -42,14 +43,16 @@ class RolloutWorker(Placed):
         max_tokens: int,
         temperature: float,
         seed: int | None,
-    ) -> list[Sample]:
-        """n samples per prompt; `meta[i]` (prompt index, answer, ...) rides along with prompt i."""
+    ) -> tuple[list[Sample], float]:
+        """n samples per prompt (`meta[i]`, e.g. the prompt index, rides along with prompt i), and the seconds
+        the engine was busy (the pipeline's stage timing)."""
+        t0 = time.perf_counter()
         outs = vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed)
         samples = []
         for p, m, pairs in zip(prompt_ids, meta, outs, strict=True):
             for ids, lps in pairs:
                 samples.append(Sample(np.asarray(p, np.int64), ids, lps, self.version, **m))
-        return samples
+        return samples, time.perf_counter() - t0
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], top_k: int):
         """The student's own per-token log-probs (used to check weight sync end to end)."""

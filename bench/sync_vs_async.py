@@ -1,0 +1,64 @@
+"""The same distillation job with pipeline.mode=sync and =async, one after the other, compared side by side.
+
+    python bench/sync_vs_async.py                  # the built-in addition demo, 12 rounds each
+    python bench/sync_vs_async.py rounds=20 rollout.num_workers=1
+
+Prints one line per figure: samples/s of each mode and their ratio (target: async >= 1.5x sync), the
+learner's idle fraction (target: async < 10%), and the final held-out reverse KL of each (target: within 5%).
+Timings skip the first round (engine warm-up). Any `key=value` argument overrides both runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def measure(summary: dict) -> dict[str, float]:
+    rounds = [r for r in summary["rounds"] if r["round"] >= 2]  # round 1 carries the warm-up
+    samples = sum(r["pipeline/samples_per_s"] * r["pipeline/round_s"] for r in rounds)
+    seconds = sum(r["pipeline/round_s"] for r in rounds)
+    learn = sum(r["pipeline/learn_s"] for r in rounds)
+    return {
+        "samples_per_s": samples / seconds,
+        "learner_idle_fraction": 1 - learn / seconds,
+        "reverse_kl": summary["final"]["reverse_kl_after"],
+    }
+
+
+def main(overrides: list[str]) -> None:
+    from launch import run
+    from opd.config import load_config
+
+    results = {}
+    for mode in ("sync", "async"):
+        cfg = load_config(
+            "default",
+            [
+                "rounds=12",
+                "eval.every=1000",
+                "wandb.mode=disabled",
+                f"output_dir=outputs/bench/sync_vs_async/{mode}",
+                *overrides,
+                f"pipeline.mode={mode}",
+            ],
+        )
+        results[mode] = measure(run(cfg))
+    sync, rest = results["sync"], results["async"]
+    kl_gap = abs(rest["reverse_kl"] - sync["reverse_kl"]) / sync["reverse_kl"]
+    print(f"sync  samples/s            {sync['samples_per_s']:.1f}")
+    print(f"async samples/s            {rest['samples_per_s']:.1f}")
+    print(f"async/sync throughput      {rest['samples_per_s'] / sync['samples_per_s']:.2f}x   (target >= 1.5x)")
+    idle = f"sync {sync['learner_idle_fraction']:.1%}, async {rest['learner_idle_fraction']:.1%}"
+    print(f"learner idle fraction      {idle}   (target: async < 10%)")
+    print(
+        f"final reverse KL           sync {sync['reverse_kl']:.4f}, async {rest['reverse_kl']:.4f}, "
+        f"differ by {kl_gap:.1%}   (target <= 5%)"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

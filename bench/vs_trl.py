@@ -1,0 +1,299 @@
+"""TRL's GKDTrainer (fully on-policy) and opd on the same distillation job, one after the other, side by side.
+
+    python bench/vs_trl.py                                   # the built-in addition demo: 6 rounds of 16 x 4 samples
+    python bench/vs_trl.py cache_dir=/work/main/outputs/cache rounds=10
+
+Both distil the same student from the same teacher on the same prompts, in the same order, with the same
+objective (reverse KL on the student's own samples: TRL `lmbda=1, beta=1`, opd `loss.type=jsd, beta=1`; TRL
+takes it over the full vocabulary, opd over the teacher's top `loss.top_k`), learning rate, gradient clip,
+optimizer steps, batch per step and token budget (`rollout.max_new_tokens`). TRL's batch per step is one opd
+round split into `learner.mini_batches` steps, and it runs `rounds x mini_batches` steps.
+
+Prints one line per figure: on-policy samples/s of each and their ratio (target: opd >= 3x TRL), and the
+reverse KL(student || teacher) per response token reached after the same number of samples, measured on
+both final students by one evaluator here (target: opd <= TRL). Throughput skips the first step of TRL and
+the first round of opd (warm-up); model loading and opd's start-up (Ray, vLLM engines) are outside it and
+shown on a line of their own. Any `key=value` argument overrides the opd config, and TRL follows it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EVAL_PROMPTS = 64
+EVAL_SAMPLES = 2
+EVAL_SEED = 1234
+OUT = "outputs/bench/vs_trl"
+
+
+def prompt_order(num_prompts: int, seed: int, count: int) -> list[int]:
+    """Indices of the first `count` training prompts opd draws: `Controller.next_prompts` (seeded shuffle,
+    popped from the end, reshuffled each epoch)."""
+    rng, order, out = random.Random(seed), [], []
+    while len(out) < count:
+        if not order:
+            order = list(range(num_prompts))
+            rng.shuffle(order)
+        out.append(order.pop())
+    return out
+
+
+def reference(prompt: str, answer: str | None) -> str:
+    """A reference completion for the collator's `labels`: the scratchpad for an addition prompt, else the answer.
+
+    On-policy, TRL replaces it with the student's own sample before the loss, but the Trainer counts these
+    labels to normalise the loss, so they should be about as long as what the student writes.
+    """
+    from opd.tasks import addition
+
+    match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
+    return addition.solve(int(match[1]), int(match[2])) if match else (answer or "")
+
+
+class Collator:
+    """The fields GKDTrainer reads, from `prompt`/`completion` rows (the built-in tokenizer has no chat template):
+    left-padded `prompts` + `prompt_attention_mask`, and `input_ids`/`attention_mask`/`labels` (-100 on the
+    prompt and padding) of prompt + completion + eos."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+
+    def __call__(self, rows: list[dict]):
+        import torch
+
+        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        prompts = [self.tok.encode(r["prompt"]) for r in rows]
+        completions = [[*self.tok.encode(r["completion"], add_special_tokens=False), eos] for r in rows]
+        width = max(map(len, prompts))
+        full = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+        out = {
+            "prompts": [[pad] * (width - len(p)) + p for p in prompts],
+            "prompt_attention_mask": [[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+            "input_ids": [],
+            "attention_mask": [],
+            "labels": [],
+        }
+        for p, c in zip(prompts, completions, strict=True):
+            rest = full - len(p) - len(c)
+            out["input_ids"].append(p + c + [pad] * rest)
+            out["attention_mask"].append([1] * (len(p) + len(c)) + [0] * rest)
+            out["labels"].append([-100] * len(p) + c + [-100] * rest)
+        return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def run_trl(cfg, student: str, teacher: str, train: list) -> dict:
+    """GKDTrainer on opd's prompts in opd's order; samples/s from its step clock, skipping step 1."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    t_start = time.perf_counter()
+    per_round = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
+    batch, steps = per_round // cfg.learner.mini_batches, cfg.rounds * cfg.learner.mini_batches
+    picks = prompt_order(len(train), cfg.seed, cfg.rounds * cfg.rollout.prompts_per_round)
+    rows = [
+        {"prompt": train[i].text, "completion": reference(train[i].text, train[i].answer)}
+        for i in picks
+        for _ in range(cfg.rollout.samples_per_prompt)
+    ]
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    args = GKDConfig(
+        output_dir=f"{OUT}/trl",
+        lmbda=1.0,
+        beta=1.0,
+        temperature=cfg.rollout.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        learning_rate=cfg.learner.lr,
+        lr_scheduler_type="constant",  # opd's AdamW has no schedule
+        warmup_steps=0,
+        weight_decay=cfg.learner.weight_decay,
+        max_grad_norm=cfg.learner.grad_clip,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        train_sampling_strategy="sequential",  # opd's prompt order, one round's prompts per batch
+        gradient_checkpointing=False,  # SFTConfig turns it on, which also turns off the KV cache in generation
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        seed=cfg.seed,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    clock = StepClock()
+    trainer = GKDTrainer(
+        model=model,
+        teacher_model=teacher_model,
+        args=args,
+        data_collator=Collator(tokenizer),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    ends = clock.ends
+    if len(ends) != steps:
+        raise RuntimeError(f"TRL ran {len(ends)} steps, expected {steps}")
+    return {
+        "samples_per_s": (steps - 1) * batch / (ends[-1] - ends[0]) if steps > 1 else float("nan"),
+        "all_samples_per_s": steps * batch / train_s,
+        "samples": steps * batch,
+        "wall_s": time.perf_counter() - t_start,
+        "model": trainer.model.eval(),
+    }
+
+
+def run_opd(cfg) -> dict:
+    """A whole opd run; samples/s over rounds 2.. (round 1 carries the engines' warm-up)."""
+    from launch import run
+
+    t_start = time.perf_counter()
+    summary = run(cfg)
+    wall_s = time.perf_counter() - t_start
+    rounds = summary["rounds"][1:]  # entry 0 is the eval before training
+    steady = [r for r in rounds if r["round"] >= 2]
+
+    def rate(rs: list[dict]) -> float:
+        samples = sum(r["pipeline/samples_per_s"] * r["pipeline/round_s"] for r in rs)
+        return samples / sum(r["pipeline/round_s"] for r in rs) if rs else float("nan")
+
+    samples = sum(r["pipeline/samples_per_s"] * r["pipeline/round_s"] for r in rounds)
+    return {
+        "samples_per_s": rate(steady),
+        "all_samples_per_s": rate(rounds),
+        "samples": round(samples),
+        "wall_s": wall_s,
+        "student_path": summary["final"]["student_path"],
+        "own_reverse_kl": summary["final"]["reverse_kl_after"],
+    }
+
+
+def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[float, float]:
+    """Mean (student log-prob - teacher log-prob) per response token of the student's own samples (temperature 1,
+    EVAL_SAMPLES per prompt, seeded), and its standard error over responses. Plain transformers, no Ray."""
+    import torch
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = [tokenizer.encode(p) for p in prompts for _ in range(EVAL_SAMPLES)]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    prompt_mask = (torch.arange(width) >= width - torch.tensor([len(x) for x in ids])[:, None]).long()
+    torch.manual_seed(EVAL_SEED)
+    with torch.no_grad():
+        seq = student.generate(
+            input_ids=input_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        response = seq[:, width:]
+        is_eos = (response == eos).long()
+        mask = ((is_eos.cumsum(1) - is_eos) == 0).float()  # up to and including the first eos
+        attention = torch.cat([prompt_mask, mask.long()], dim=1)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+
+        def logprobs(model):
+            logits = model(input_ids=seq, attention_mask=attention, position_ids=positions).logits
+            lps = torch.log_softmax(logits[:, width - 1 : -1].float(), dim=-1)
+            return lps.gather(-1, response[..., None]).squeeze(-1)
+
+        gap = (logprobs(student) - logprobs(teacher)) * mask
+    per_response, tokens = gap.sum(1), mask.sum(1)
+    kl = float(per_response.sum() / tokens.sum())
+    se = float(((per_response - kl * tokens) ** 2).sum().sqrt() / tokens.sum())
+    return kl, se
+
+
+def main(overrides: list[str]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launch import resolve
+    from opd.config import load_config
+    from opd.data import load_prompts
+
+    cfg = load_config(
+        "default",
+        [
+            "rounds=6",
+            "rollout.prompts_per_round=16",
+            "rollout.samples_per_prompt=4",
+            "learner.mini_batches=1",  # one optimizer step per round of 64 samples, so TRL generates 64 at once
+            "eval.every=1000",
+            f"data.eval_size={EVAL_PROMPTS}",
+            "wandb.mode=disabled",
+            f"output_dir={OUT}/opd",
+            *overrides,
+        ],
+    )
+    if cfg.mode != "on_policy" or cfg.loss.type != "jsd" or cfg.loss.beta != 1.0 or len(cfg.teachers) != 1:
+        sys.exit("this bench compares one teacher, mode=on_policy, loss.type=jsd, loss.beta=1 (TRL's lmbda=1, beta=1)")
+    student = resolve(cfg.student.model, cfg.cache_dir)
+    teacher = resolve(cfg.teachers[0].model, cfg.cache_dir)
+    train = load_prompts(resolve(cfg.data.train, cfg.cache_dir))[0]
+    evals = [p.text for p in load_prompts(resolve(cfg.data.eval, cfg.cache_dir))[0][:EVAL_PROMPTS]]
+
+    trl = run_trl(cfg, student, teacher, train)
+    opd = run_opd(cfg)
+    if trl["samples"] != opd["samples"]:
+        raise RuntimeError(f"TRL trained on {trl['samples']} samples, opd on {opd['samples']}")
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+
+    def load(path: str):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    teacher_model = load(teacher)
+    new_tokens = cfg.rollout.max_new_tokens
+    kl_start = reverse_kl(load(student), teacher_model, tokenizer, evals, new_tokens)
+    kl_trl = reverse_kl(trl["model"], teacher_model, tokenizer, evals, new_tokens)
+    kl_opd = reverse_kl(load(opd["student_path"]), teacher_model, tokenizer, evals, new_tokens)
+
+    ratio = opd["samples_per_s"] / trl["samples_per_s"]
+    n = opd["samples"]
+    print(f"TRL GKDTrainer  samples/s  {trl['samples_per_s']:.1f}")
+    print(f"opd             samples/s  {opd['samples_per_s']:.1f}")
+    print(f"opd/TRL throughput  {ratio:.1f}x  (target >= 3x)")
+    print(
+        f"reverse KL after {n} samples  TRL {kl_trl[0]:.4f} ± {kl_trl[1]:.4f}, opd {kl_opd[0]:.4f} ± {kl_opd[1]:.4f}"
+        f"  (target: opd <= TRL)"
+    )
+    print(f"reverse KL of the starting student  {kl_start[0]:.4f} ± {kl_start[1]:.4f}")
+    print(
+        f"samples/s with the first step/round  TRL {trl['all_samples_per_s']:.1f}, opd {opd['all_samples_per_s']:.1f}"
+    )
+    wall = f"TRL {trl['wall_s']:.0f}s, opd {opd['wall_s']:.0f}s"
+    print(f"wall time of each whole run (loading, start-up, opd's own evals)  {wall}")
+    print(f"opd's own end-of-run eval (vLLM, same {EVAL_PROMPTS} prompts)  reverse KL {opd['own_reverse_kl']:.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
