@@ -235,6 +235,8 @@ class FaultConfig:
     """A teacher call taking longer than this is cancelled and retried."""
     teacher_retries: int = 2
     """Retries of a timed-out or failed teacher call before the teacher counts as failing."""
+    restart_timeout_s: float = 900.0
+    """How long a restarted actor may take to load its model again."""
     on_teacher_failure: Literal["drop", "stop"] = "stop"
     """drop: take a failing teacher out of the pool (if others remain) with a loud warning; stop: end the run."""
     max_nonfinite_steps: int = 3

@@ -40,7 +40,8 @@ def two_node_cluster(tmp_path):
     """A head (with the job server) and a worker node, stopped afterwards whatever happens."""
     gcs, dashboard = free_port(), free_port()
     temp = Path("/tmp") / f"ray-mn-{os.getpid()}"  # short: unix socket paths have a length limit
-    env = dict(os.environ, RAY_ADDRESS="", TOKENIZERS_PARALLELISM="false")
+    # Token auth off: both nodes are this machine (a real cluster keeps it on and shares the token file).
+    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     try:
         ray_cli(
             "start",

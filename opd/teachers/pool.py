@@ -99,9 +99,19 @@ class TeacherPool:
                 error = err
                 print(f"WARNING: teacher {name!r} call failed (attempt {attempt + 1}): {err!r:.300}", flush=True)
                 if isinstance(err, GetTimeoutError):  # a hung replica: restart it so the retry is not queued behind
-                    for rep in self.replicas[name]:
-                        ray.kill(rep, no_restart=False)
+                    self._restart(name)
         raise TeacherFailed(name, f"teacher {name!r} failed {self.faults.teacher_retries + 1} times: {error!r:.300}")
+
+    def _restart(self, name: str) -> None:
+        """Kill a teacher's replicas (Ray restarts them) and wait until they have loaded again, so the
+        retry's timeout measures the call, not the engine start-up."""
+        reps = self.replicas[name]
+        for rep in reps:
+            ray.kill(rep, no_restart=False)
+        try:
+            ray.get([rep.ready.remote() for rep in reps], timeout=self.faults.restart_timeout_s)
+        except (GetTimeoutError, RayActorError) as err:
+            raise TeacherFailed(name, f"teacher {name!r} did not come back after a restart: {err!r:.300}") from err
 
     def _call(self, name: str, method: str, columns: list[list], *args) -> list:
         def submit() -> list:
