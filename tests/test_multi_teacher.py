@@ -35,7 +35,7 @@ def rounds(summary: dict) -> list[dict]:
     return [r for r in summary["rounds"] if r["round"] >= 1]
 
 
-def test_product_of_experts_with_a_cross_tokenizer_teacher_corrections_and_a_verifier(tiny_assets, tmp_path):
+def test_product_of_experts_with_a_cross_tokenizer_teacher_and_a_verifier(tiny_assets, tmp_path):
     """A Qwen2 teacher sharing the student's tokenizer and a GPT-2 teacher with its own, as a product of experts."""
     summary = launch(
         [
@@ -48,9 +48,6 @@ def test_product_of_experts_with_a_cross_tokenizer_teacher_corrections_and_a_ver
             "combine.rule=mean_logprob",
             "judge.kind=verifier",
             "judge.verifier=exact_answer",
-            "correction.enabled=true",
-            "correction.outside_top_k=false",
-            "correction.threshold=-6",
             "rounds=4",
         ]
     )
@@ -58,8 +55,6 @@ def test_product_of_experts_with_a_cross_tokenizer_teacher_corrections_and_a_ver
     assert final["reverse_kl_after"] < final["reverse_kl_before"], final
     for r in rounds(summary):
         assert r["teachers/same_samples"] == pytest.approx(64 / 1.5) and r["teachers/other_samples"] > 0
-        assert 0 < r["correction/rate"] <= 1 and len(r["correction/position"]) == r["correction/rate"] * 64
-        assert r["learner/correction_sft_nll"] > 0 and r["correction/teacher_tokens"] > 0
         assert r["judge/scored_fraction"] == 1.0 and r["judge/mean_score"] >= 0
     student = Path(final["student_path"])
     record = json.loads((student / "provenance.json").read_text())
@@ -103,7 +98,9 @@ def test_route_by_domain_with_a_rubric_judge_filtering(tiny_assets, tmp_path):
         assert r["judge/filtered_fraction"] == pytest.approx(1.0 - r["judge/scored_fraction"])
 
 
-def test_best_of_picks_the_best_judged_teacher_per_prompt(tiny_assets, tmp_path):
+def test_best_of_picks_the_best_judged_teacher_per_prompt_and_corrects(tiny_assets, tmp_path):
+    """Each teacher answers each prompt once, the verifier picks the better one, which scores the prompt's
+    samples and rewrites each from its first unlikely token; samples are weighted by their judge score."""
     summary = launch(
         [
             *base(tiny_assets, tmp_path),
@@ -115,12 +112,19 @@ def test_best_of_picks_the_best_judged_teacher_per_prompt(tiny_assets, tmp_path)
             "judge.kind=verifier",
             "judge.verifier=tests.test_multi_teacher:share_of_digits",
             "judge.use=weight",
+            "correction.enabled=true",
+            "correction.outside_top_k=false",
+            "correction.threshold=-6",
             "rounds=3",
         ]
     )
     final = summary["final"]
-    assert final["reverse_kl_after"] < final["reverse_kl_before"], final
     for r in rounds(summary):
         assert r["teachers/small_samples"] + r["teachers/big_samples"] == 64
         assert 0 <= r["judge/mean_score"] <= 1
+        assert 0 < r["correction/rate"] <= 1 and len(r["correction/position"]) == r["correction/rate"] * 64
+        assert r["learner/correction_sft_nll"] > 0 and r["correction/teacher_tokens"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows and all({"prompt", "student_response", "teacher_correction", "judge_score"} <= set(r) for r in rows)
+    assert any(r["teacher_correction"] is not None for r in rows)
     assert sum(final["teacher_signal_share"].values()) == 64 * 3
