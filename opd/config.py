@@ -156,8 +156,9 @@ class RolloutConfig:
     colocate: bool = False
     """Rollout worker i and learner shard i share placement bundle i (the same GPUs); engines sleep (vLLM sleep
     mode frees their memory) while the learner steps and wake for the weight sync. GPUs only."""
-    weight_sync: Literal["auto", "gloo", "nccl"] = "auto"
-    """Learner -> rollout transport: auto is nccl when rollout workers have GPUs, else gloo (CPU)."""
+    weight_sync: Literal["auto", "gloo", "nccl", "ipc"] = "auto"
+    """Learner -> rollout transport: auto is ipc (CUDA IPC, no copy over the wire) when colocated, nccl when
+    rollout workers have GPUs, else gloo (CPU)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -368,6 +369,8 @@ def check(cfg: OPDConfig) -> None:
             raise ConfigError(
                 "rollout.colocate puts the engines to sleep while the learner steps: use pipeline.mode=sync"
             )
+    if cfg.rollout.weight_sync == "ipc" and not cfg.rollout.colocate:
+        raise ConfigError("rollout.weight_sync=ipc hands over CUDA memory on one GPU: it needs rollout.colocate=true")
     if cfg.rollout.colocate:
         if cfg.rollout.gpus_per_worker <= 0 or cfg.learner.gpus_per_shard <= 0:
             raise ConfigError(

@@ -180,7 +180,8 @@ class Controller:
             )
         backend = cfg.rollout.weight_sync
         if backend == "auto":
-            backend = "nccl" if cfg.rollout.gpus_per_worker > 0 else "gloo"
+            gpu = cfg.rollout.gpus_per_worker > 0
+            backend = "ipc" if cfg.rollout.colocate else "nccl" if gpu else "gloo"
         self.sync_backend = backend
         self.rollout = self.spawn_rollout()
         self.teachers = TeacherPool(

@@ -112,6 +112,8 @@ def test_placement_bundles_per_role_and_colocation_shares_them():
         load_config("default", ["learner.gpus_per_shard=0.5", "rollout.gpus_per_worker=0.5", "rollout.colocate=true"])
     )
     assert set(shared) == {"rollout", "teacher:addition"} and shared["rollout"] == [{"CPU": 2.0, "GPU": 1.0}] * 2
+    with pytest.raises(ConfigError, match=r"weight_sync=ipc .*rollout\.colocate=true"):
+        load_config("default", ["rollout.weight_sync=ipc"])
     with pytest.raises(ConfigError, match=r"rollout\.colocate .*GPU"):
         load_config("default", ["rollout.colocate=true"])
     with pytest.raises(ConfigError, match=r"rollout\.num_workers=1 must equal learner\.num_shards=2"):

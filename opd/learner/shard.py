@@ -170,13 +170,18 @@ class LearnerShard(Placed):
 
         from opd.rollout import weight_sync
 
-        if backend == "nccl":
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo as InitInfo
-        else:
-            InitInfo = weight_sync.GlooTrainerInitInfo
         ranks_per_engine = (world_size - 1) // max(len(rollout_handles), 1)
         client = weight_sync.RolloutGroupClient(rollout_handles, ranks_per_engine)
-        info = InitInfo(address, port, world_size, rank=self.rank)
+        if backend == "ipc":  # colocated on the same GPUs: CUDA IPC handles, no rendezvous
+            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+            info = IPCTrainerInitInfo(rank=self.rank)
+        else:
+            if backend == "nccl":
+                from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo as InitInfo
+            else:
+                InitInfo = weight_sync.GlooTrainerInitInfo
+            info = InitInfo(address, port, world_size, rank=self.rank)
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=client, source=ZeroWeightSource(self.engine.module)
         )
