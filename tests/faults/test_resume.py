@@ -20,7 +20,7 @@ from tests.stack import ROOT, launch, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
-VARYING = ("_s", "per_s", "wandb")  # timings differ between runs; everything else must not
+VARYING = ("_s", "per_s", "idle_fraction", "wandb")  # timings differ between runs; everything else must not
 
 
 def overrides(assets: dict[str, Path], out: Path) -> list[str]:
