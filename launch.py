@@ -123,6 +123,14 @@ def run(cfg) -> dict:
     return summary
 
 
+def driver_env_vars(defaults: dict[str, str]) -> dict[str, str]:
+    """`defaults` less the variables a submitted job's runtime env already sets: Ray refuses a driver runtime env
+    that names a key the job's (`ray job submit --runtime-env-json`) also names, and the user's value wins."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in defaults.items() if k not in taken}
+
+
 def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: list, resume) -> dict:
     """Start Ray and every actor, run (or resume) the rounds, and always shut Ray down."""
     import ray
@@ -137,7 +145,7 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # under `ray job submit`, the job's --working-dir already carries the code to every node
-        ray.init(address=address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(address=address, runtime_env={"env_vars": driver_env_vars({"TOKENIZERS_PARALLELISM": "false"})})
     else:
         here = os.path.dirname(os.path.abspath(__file__))
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": here}}

@@ -25,6 +25,8 @@ __all__ = [
     "sft_on_teacher",
     "token_logprobs",
     "topk_kl",
+    "topk_student_logprobs",
+    "with_rest",
 ]
 
 _EPS = 1e-8
@@ -118,8 +120,9 @@ def generalized_jsd(
     ``m = (1 - beta) * student + beta * teacher``, ``jsd = beta * KL(teacher || m) + (1 - beta) * KL(student || m)``.
     Summed over the last dim per token, then token mean over ``mask`` (plain mean over all tokens when None).
 
-    The last dim may also be gathered top-k logits ``[B, T, K]`` (the same K ids for both models); the result is then
-    the divergence between the two distributions renormalised over those K entries, not the full-vocab divergence.
+    The last dim may also be top-k log-probs ``[B, T, K]`` (the same K ids for both models); the result is then the
+    divergence between the two distributions renormalised over those K entries, unless the caller appends the rest of
+    the mass first (``with_rest``), which the learner's ``jsd`` objective does.
     ``-inf`` logits (zero probability) are allowed and contribute 0 where they are in the first argument of a KL.
     """
     s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -136,34 +139,43 @@ def generalized_jsd(
     return masked_mean(jsd, mask)
 
 
+def with_rest(logprobs: Tensor) -> Tensor:
+    """Top-k log-probs ``[..., K]`` normalised over the FULL vocabulary -> ``[..., K+1]`` with the rest appended.
+
+    The extra entry is ``log(1 - sum exp(logprobs))``, the mass outside the K ids, so the result is a proper
+    distribution over K+1 categories (K ids and "anything else"). A divergence between two such coarsenings is a
+    lower bound of the full-vocab one that still sees mass a model puts outside the other's top-k; renormalising over
+    the K ids instead would let a student leak mass off the teacher's top-k at no cost. ``-inf`` entries (padding)
+    count as zero mass. The rest is clamped at 1e-8, since reduced-precision top-k values may sum a hair over 1.
+    """
+    total = torch.logsumexp(logprobs.float(), dim=-1, keepdim=True)
+    rest = torch.log((-torch.expm1(total.clamp(max=0.0))).clamp(min=_EPS))
+    return torch.cat([logprobs.float(), rest], dim=-1)
+
+
 def topk_kl(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor) -> Tensor:
     """Forward ``KL(teacher || student)`` over the teacher's top-k ids plus one "rest" bucket -> scalar.
 
     ``student_logits`` ``[B, T, V]``; ``topk_ids`` ``[B, T, K]`` long; ``teacher_topk_logprobs`` ``[B, T, K]``
     normalised over the FULL vocabulary (what a serving engine returns), ``-inf`` marking padding entries, which
     contribute 0 whatever id they carry. Student log-probs come from a full-vocab log-softmax, gathered at the same
-    ids. The mass outside the top-k is one extra category for both sides, ``p_rest = 1 - sum p_k`` and
-    ``q_rest = 1 - sum q_k``, so this is the exact KL between the two (K+1)-category coarsenings: it is >= 0, 0 when the
-    student matches the teacher, equals the full forward KL when K == V, and still pushes the student's mass off
-    tokens the teacher puts outside its top-k. Rest masses are clamped at 1e-8 inside the log; a zero ``p_rest``
-    contributes exactly 0. Token mean over ``mask``.
+    ids. With the mass outside the top-k as one extra category for both sides (``with_rest``), this is the exact KL
+    between the two (K+1)-category coarsenings: it is >= 0, 0 when the student matches the teacher, equals the full
+    forward KL when K == V, and still pushes the student's mass off tokens the teacher puts outside its top-k.
+    Token mean over ``mask``.
     """
-    log_p = teacher_topk_logprobs.float()
-    valid = torch.isfinite(log_p)
-    ids = torch.where(valid, topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))  # padding ids may be -1
-    log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, ids)
+    student = topk_student_logprobs(student_logits, topk_ids, teacher_topk_logprobs)
+    return masked_mean(_kl_from_logprobs(with_rest(teacher_topk_logprobs), with_rest(student)), mask)
 
-    zeros = torch.zeros_like(log_p)
-    safe_log_p = torch.where(valid, log_p, zeros)
-    p = torch.where(valid, torch.exp(safe_log_p), zeros)
-    q = torch.where(valid, torch.exp(log_q), zeros)
-    head = torch.where(valid, p * (safe_log_p - log_q), zeros).sum(dim=-1)
 
-    p_rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
-    log_p_rest = torch.log(p_rest.clamp(min=_EPS))
-    log_q_rest = torch.log((1.0 - q.sum(dim=-1)).clamp(min=_EPS))
-    rest = p_rest * (log_p_rest - log_q_rest)
-    return masked_mean(head + rest, mask)
+def topk_student_logprobs(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor) -> Tensor:
+    """The student's full-vocab log-probs ``[B, T, K]`` at the teacher's top-k ids; ``-inf`` where the teacher's are
+    (padding, whose ids may be -1). Computed as ``gather - logsumexp``: no ``[B, T, V]`` log-softmax is kept."""
+    valid = torch.isfinite(teacher_topk_logprobs)
+    ids = torch.where(valid, topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))
+    logits = student_logits.float()
+    picked = logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return picked.masked_fill(~valid, float("-inf"))
 
 
 def sft_on_teacher(logits: Tensor, target_ids: Tensor, mask: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:
         # assert a drop within 6 rounds on a random teacher; its maths is unit-tested in test_losses/test_pieces.
         "loss.type=jsd",
         "loss.beta=1.0",
-        "eval.samples_per_prompt=2",
+        "eval.samples_per_prompt=8",
         "eval.every=3",
         f"output_dir={out}",
     ]

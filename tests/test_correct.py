@@ -41,7 +41,7 @@ def test_corrected_keeps_the_prefix_and_appends_the_teacher_continuation():
     assert np.isinf(s.teacher_topk_logprobs[2:]).all() and s.teacher_topk_ids.shape == (5, 2)
 
 
-def test_collate_splits_distillation_and_sft_tokens_and_carries_weights():
+def test_collate_splits_distillation_and_sft_tokens_and_weights_only_the_students_tokens():
     s = corrected(scored_sample(), 1, np.array([4, 1]))
     s.weight = 0.5
     plain = scored_sample()
@@ -49,7 +49,8 @@ def test_collate_splits_distillation_and_sft_tokens_and_carries_weights():
     batch = collate([s, plain], pad_id=0, top_k=2)
     # targets start at t = 1 (prompt length 2): the student wrote 1 token of s, the teacher 2
     assert batch["mask"][0].tolist() == [0, 0.5, 0, 0, 0]
-    assert batch["sft_mask"][0].tolist() == [0, 0, 0.5, 0.5, 0]
+    # the judge's weight scored the student's response; the teacher's correction of it is learnt in full
+    assert batch["sft_mask"][0].tolist() == [0, 0, 1, 1, 0]
     assert batch["mask"][1].tolist() == [0, 1, 1, 1, 1] and batch["sft_mask"][1].sum() == 0
     assert batch["advantage_bonus"][1].tolist() == [0, 0.25, 0.25, 0.25, 0.25]
     assert batch["advantage_bonus"][0].sum() == 0

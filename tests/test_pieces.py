@@ -126,3 +126,16 @@ def test_placement_bundles_per_role_and_colocation_shares_them():
                 "rollout.num_workers=1",
             ],
         )
+
+
+def test_driver_env_leaves_out_what_a_submitted_job_already_sets(monkeypatch):
+    import json
+
+    from launch import driver_env_vars
+
+    defaults = {"TOKENIZERS_PARALLELISM": "false", "OTHER": "1"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert driver_env_vars(defaults) == defaults
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "true"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert driver_env_vars(defaults) == {"OTHER": "1"}

@@ -13,8 +13,9 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
 
     `input_ids` is [B, L]; every other per-token tensor is [B, L-1] and entry t belongs
     to token t+1 (the one logits[:, t] predicts), so losses never shift again.
-    `mask` is 1 on the response tokens the student wrote (the distillation loss reads it), `sft_mask` on
-    tokens a teacher correction wrote (cross-entropy); both carry the sample's weight.
+    `mask` is the sample's weight on the response tokens the student wrote (the distillation loss reads it),
+    `sft_mask` is 1 on tokens a teacher correction wrote (cross-entropy): the judge's weight scored the
+    student's own response, and a response judged bad is exactly the one whose correction should be learnt.
     `advantage_bonus` is each sample's judge bonus, spread over its `mask`.
     """
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
@@ -38,7 +39,7 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
         span = slice(p - 1, p - 1 + r)
         own = p - 1 + s.student_tokens
         mask[i, p - 1 : own] = s.weight
-        sft_mask[i, own : p - 1 + r] = s.weight
+        sft_mask[i, own : p - 1 + r] = 1.0
         bonus[i, p - 1 : own] = s.advantage_bonus
         old_lp[i, span] = torch.tensor(np.asarray(s.logprobs, dtype=np.float32))
         if has_teacher:

@@ -56,18 +56,13 @@ def _off_policy_mask(logits, batch, cfg, temperature) -> tuple[torch.Tensor, dic
     }
 
 
-def _topk_student_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """Student logits at the teacher's top-k ids; padded slots get -inf like the teacher's."""
-    gathered = (logits / temperature).gather(-1, batch["topk_ids"])
-    return gathered.masked_fill(torch.isinf(batch["topk_logprobs"]), float("-inf"))
-
-
 @OBJECTIVES.register("jsd")
 def jsd(logits, batch, cfg, temperature):
-    """Generalized JSD (GKD) between student and teacher, renormalised over the teacher's top-k."""
+    """Generalized JSD (GKD) between student and teacher over the teacher's top-k ids plus the rest of the mass."""
     mask, metrics = _off_policy_mask(logits, batch, cfg, temperature)
-    student = _topk_student_logits(logits, batch, temperature)
-    loss = losses.generalized_jsd(student, batch["topk_logprobs"], cfg.beta, 1.0, mask)
+    student = losses.topk_student_logprobs(logits / temperature, batch["topk_ids"], batch["topk_logprobs"])
+    teacher = losses.with_rest(batch["topk_logprobs"])
+    loss = losses.generalized_jsd(losses.with_rest(student), teacher, cfg.beta, 1.0, mask)
     return loss, {"jsd": float(loss.detach()), **metrics}
 
 
