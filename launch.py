@@ -150,7 +150,7 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
         here = os.path.dirname(os.path.abspath(__file__))
         env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": here}}
         ray.init(num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
-    state = checkpoint.load(resume)[0] if resume else {}
+    state = checkpoint.load(resume) if resume else {}
     wandb = cfg.wandb
     monitor = Monitor(
         cfg.output_dir,

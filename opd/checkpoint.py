@@ -1,7 +1,8 @@
 """Checkpoint directories: written atomically, found by round, pruned (pure filesystem, no Ray).
 
 A checkpoint is `<output_dir>/checkpoints/round_000012/` holding the learner's DeepSpeed state
-(`learner/`), the replay buffer (`buffer.pkl`) and the controller's state (`controller.json`). It is
+(`learner/`), the replay buffer (`buffer/`, one safetensors file per shard), the async pipeline's samples
+generated ahead (`ahead.safetensors`) and the controller's state (`controller.json`). It is
 written under a `.tmp` name and renamed when complete, so a crash mid-write leaves a `.tmp`
 directory that is never picked (and is cleared by the next save).
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -38,10 +38,8 @@ def begin(output_dir: str | Path, round_: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, state: dict, samples: object, keep: int) -> Path:
-    """Write the controller state and the samples in flight into `tmp`, rename it complete, prune old ones."""
-    with open(tmp / "buffer.pkl", "wb") as f:
-        pickle.dump(samples, f)
+def commit(tmp: Path, state: dict, keep: int) -> Path:
+    """Write the controller state into `tmp` (whose other files are written), rename it complete, prune old ones."""
     with open(tmp / STATE, "w") as f:
         json.dump(state, f)
         f.flush()
@@ -55,11 +53,9 @@ def commit(tmp: Path, state: dict, samples: object, keep: int) -> Path:
     return final
 
 
-def load(path: Path) -> tuple[dict, object]:
-    """The controller state and the samples saved with it (`commit`) of a complete checkpoint."""
-    with open(path / "buffer.pkl", "rb") as f:
-        buffer = pickle.load(f)
-    return json.loads((path / STATE).read_text()), buffer
+def load(path: Path) -> dict:
+    """The controller state (`commit`) of a complete checkpoint."""
+    return json.loads((path / STATE).read_text())
 
 
 def rng_state(rng: random.Random) -> list:

@@ -20,6 +20,7 @@ from opd.provenance import licence_problems
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 BUILTIN = "builtin:"
 LOSSES = ("reverse_kl", "jsd", "topk_kl", "sft")
+BUFFER_ORDERS = ("fifo", "disagreement")
 COMBINE_RULES = ("mean_logprob", "mixture", "route", "best_of")
 """Merging rules live in opd/teachers/combine.py (RULES); route and best_of pick one teacher per prompt."""
 
@@ -200,6 +201,14 @@ class BufferConfig:
     """Samples held at most; the oldest are evicted first."""
     max_staleness: int = 1
     """Samples generated more than this many policy versions ago are never trained on."""
+    num_shards: int = 1
+    """Buffer actors; samples are placed by a hash of their prompt and drawn from every shard."""
+    order: str = "fifo"
+    """fifo (oldest first) or disagreement (samples the teacher disagrees with most first: priority sampling)."""
+    train_per_round: int = 0
+    """Samples the learner trains on per round; 0: as many as the round generates. Fewer, with
+    order=disagreement, trains on the ones the teacher disagrees with most; the rest wait in the buffer for a
+    later round while fresh enough (max_staleness), then are dropped and counted."""
 
 
 @dataclass
@@ -341,22 +350,37 @@ def check(cfg: OPDConfig) -> None:
         "eval.every": cfg.eval.every,
         "data.eval_size": cfg.data.eval_size,
         "faults.max_nonfinite_steps": cfg.faults.max_nonfinite_steps,
+        "buffer.num_shards": cfg.buffer.num_shards,
+        "buffer.capacity": cfg.buffer.capacity,
     }
+    if cfg.buffer.train_per_round < 0:
+        raise ConfigError(f"buffer.train_per_round={cfg.buffer.train_per_round} must be >= 0")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.buffer.order not in BUFFER_ORDERS:
+        raise ConfigError(f"buffer.order={cfg.buffer.order!r} is not one of {', '.join(BUFFER_ORDERS)}")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
     if cfg.learner.lr <= 0:
         raise ConfigError(f"learner.lr={cfg.learner.lr} must be > 0")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
-    batch = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
+    made = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
     step = cfg.learner.mini_batches * cfg.learner.num_shards
-    if batch % step:
+    learner = cfg.learner
+    split = f"split evenly into learner.mini_batches={learner.mini_batches} x learner.num_shards={learner.num_shards}"
+    if cfg.buffer.train_per_round:
+        if not 0 < cfg.buffer.train_per_round <= made:
+            raise ConfigError(
+                f"buffer.train_per_round={cfg.buffer.train_per_round} must be between 1 and the {made} samples a "
+                "round makes (rollout.prompts_per_round x samples_per_prompt), or 0 for all of them"
+            )
+        if cfg.buffer.train_per_round % step:
+            raise ConfigError(f"buffer.train_per_round={cfg.buffer.train_per_round} must {split}")
+    elif made % step:
         raise ConfigError(
-            f"a round makes {batch} samples (rollout.prompts_per_round x samples_per_prompt), which must split "
-            f"evenly into learner.mini_batches={cfg.learner.mini_batches} x learner.num_shards={cfg.learner.num_shards}"
+            f"a round makes {made} samples (rollout.prompts_per_round x samples_per_prompt), which must {split}"
         )
     if cfg.pipeline.mode == "async":
         if cfg.mode != "on_policy":

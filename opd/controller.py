@@ -17,8 +17,9 @@ import numpy as np
 import ray
 
 from opd import checkpoint, plan
-from opd.buffer.replay import ReplayBuffer
+from opd.buffer import spill
 from opd.buffer.sample import Sample
+from opd.buffer.sharded import ShardedBuffer
 from opd.config import OPDConfig
 from opd.data import DataError, Prompt, is_correct
 from opd.learner.group import LearnerGroup, mean_metrics
@@ -29,6 +30,9 @@ from opd.teachers import judge
 from opd.teachers.combine import pick_best, route_teacher
 from opd.teachers.correct import corrected, first_unlikely
 from opd.teachers.pool import TeacherPool
+
+AHEAD = "ahead.safetensors"
+"""In a checkpoint: the async pipeline's samples for the next round, generated before the checkpoint."""
 
 
 @dataclass
@@ -160,6 +164,9 @@ class Controller:
         self.examples: list[dict] = []
         self.next: Pending | None = None
         """async: the next round's generation, launched before this round learns."""
+        made = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
+        self.train_per_round = cfg.buffer.train_per_round or made
+        """Samples each learner step takes from the buffer."""
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -197,14 +204,14 @@ class Controller:
             cfg.loss.top_k,
             {t.name: self.groups[f"teacher:{t.name}"] for t in cfg.teachers},
         )
-        self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
-        batch = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
+        buf = cfg.buffer
+        self.buffer = ShardedBuffer(buf.num_shards, buf.capacity, buf.max_staleness, buf.order)
         self.learner = LearnerGroup(
             self.student,
             cfg.learner,
             cfg.loss,
             cfg.rollout.temperature,
-            batch // cfg.learner.mini_batches,
+            self.train_per_round // cfg.learner.mini_batches,
             cfg.correction.sft_weight,
             cfg.faults.max_nonfinite_steps,
             self.groups["learner"],
@@ -299,7 +306,7 @@ class Controller:
         """Learner, buffer and controller state for `round_`, complete or not at all (see opd/checkpoint.py)."""
         tmp = checkpoint.begin(self.cfg.output_dir, round_)
         self.learner.save_state(str(tmp / "learner"))
-        buffered = ray.get(self.buffer.snapshot.remote())
+        self.buffer.save(tmp / "buffer")
         state = {
             "round": round_,
             "version": self.version,
@@ -313,20 +320,20 @@ class Controller:
         }
         # async: the next round's samples (already generated, see `round`) travel with the checkpoint, so a
         # resumed run trains on exactly what an uninterrupted one would.
-        ahead = None if self.next is None else ([e.prompt.index for e in self.next.prompts], self.next.samples)
-        checkpoint.commit(tmp, state, {"buffer": buffered, "ahead": ahead}, self.cfg.checkpoint.keep)
+        if self.next is not None:
+            state["ahead"] = [e.prompt.index for e in self.next.prompts]
+            spill.save(self.next.samples, tmp / AHEAD)
+        checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint into the running actors and push its weights to the rollout workers."""
-        state, saved = checkpoint.load(path)
-        buffered = saved["buffer"]
-        if saved["ahead"] is not None:
-            indices, samples = saved["ahead"]
-            self.next = Pending([self.by_index[i] for i in indices], (), [], samples)
+        state = checkpoint.load(path)
+        if "ahead" in state:
+            self.next = Pending([self.by_index[i] for i in state["ahead"]], (), [], spill.load(path / AHEAD))
         step = self.learner.load_state(str(path / "learner"))
         if step != state["version"]:
             raise RuntimeError(f"{path}: learner step {step} does not match policy version {state['version']}")
-        ray.get(self.buffer.restore.remote(buffered))
+        self.buffer.load(path / "buffer")
         self.version, self.teacher_tokens = state["version"], state["teacher_tokens"]
         self.signal_share, self.order = state["signal_share"], state["order"]
         checkpoint.set_rng_state(self.rng, state["rng"])
@@ -379,8 +386,8 @@ class Controller:
         score_s = time.perf_counter() - t0
         self.teacher_tokens += tokens
 
-        ray.get(self.buffer.add.remote(samples))
-        batch, buffer_stats = ray.get(self.buffer.take.remote(len(samples), self.version))
+        self.buffer.add(samples)
+        batch, buffer_stats = self.buffer.take(self.train_per_round, self.version)
 
         if cfg.rollout.colocate:  # hand the shared GPUs to the learner
             ray.get([w.sleep.remote() for w in self.rollout])
@@ -395,6 +402,8 @@ class Controller:
         round_s = time.perf_counter() - t_round
 
         metrics = {f"learner/{k}": v for k, v in mean_metrics(learner).items()}
+        # The sync check: only the first mini-batch meets a learner that has not moved since the weights went out.
+        metrics["learner/sampler_learner_logprob_gap"] = learner[0]["sampler_learner_logprob_gap"]
         metrics |= {f"buffer/{k}": v for k, v in buffer_stats.items()}
         teacher_bytes = sum(s.teacher_nbytes for s in samples)
         metrics |= {

@@ -31,7 +31,7 @@ def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:
         "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=8",
         "learner.micro_batch_size=16",
-        "learner.mini_batches=1",
+        "learner.mini_batches=4",
         "learner.lr=1e-2",
         # On-policy reverse KL taken exactly over the teacher's top-k at each position of the student's own
         # samples: the demo's objective. The sampled-token gradient (loss.type=reverse_kl) is too noisy to

@@ -43,6 +43,10 @@ def test_overrides_reach_nested_and_list_fields(tiny_assets):
         ("rollout.temperature=0.7", "teachers.0.backend"),
         ("learner.mini_batches=3", "learner.mini_batches"),
         ("wandb.mode=sometimes", "wandb.mode"),
+        ("buffer.order=lifo", "buffer.order"),
+        ("buffer.num_shards=0", "buffer.num_shards"),
+        ("buffer.train_per_round=100000", "buffer.train_per_round"),
+        ("buffer.train_per_round=3", "buffer.train_per_round"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override, names):

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from opd.buffer.replay import ReplayBuffer
 from opd.buffer.sample import Sample
 from opd.learner import objective
 from opd.learner.batch import collate
@@ -37,15 +36,6 @@ def test_collate_aligns_per_token_fields_to_targets():
 def test_collate_without_teacher_signal_has_no_teacher_fields():
     batch = collate([sample([1], [2], teacher=False)], pad_id=0, top_k=2)
     assert "teacher_logprobs" not in batch and batch["mask"].tolist() == [[1]]
-
-
-def test_buffer_serves_fifo_and_refuses_stale_samples():
-    buf = ReplayBuffer(capacity=3, max_staleness=1)
-    buf.add([sample([1], [2], version=v) for v in (0, 1, 2, 3)])
-    assert buf.evicted == 1 and len(buf) == 3
-    taken, stats = buf.take(3, version=3)
-    assert [s.version for s in taken] == [2, 3]
-    assert stats["dropped_stale"] == 1 and stats["mean_staleness"] == 0.5
 
 
 def test_chunks_are_contiguous_and_near_equal():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from opd.buffer import spill
 from tests.stack import ROOT, launch, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -23,8 +24,20 @@ pytestmark = pytest.mark.integration
 VARYING = ("_s", "per_s", "idle_fraction", "wandb")  # timings differ between runs; everything else must not
 
 
-def overrides(assets: dict[str, Path], out: Path) -> list[str]:
+# The async variant checkpoints a buffer that is not empty: each round trains on the 32 of its 64 samples the
+# teacher disagrees with most; the rest wait in two buffer shards (at most 2 versions old) and go in the checkpoint.
+ASYNC_SHARDED = (
+    "pipeline.mode=async",
+    "buffer.num_shards=2",
+    "buffer.order=disagreement",
+    "buffer.train_per_round=32",
+    "buffer.max_staleness=2",
+)
+
+
+def overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [
+        *extra,
         *tiny_overrides(assets, out),
         "rollout.num_workers=1",
         "learner.num_shards=2",
@@ -70,13 +83,21 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not any(x in k for x in VARYING)}
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path):
-    straight = launch(overrides(tiny_assets, tmp_path / "straight"))
+@pytest.mark.parametrize("extra", [(), ASYNC_SHARDED], ids=["sync", "async-sharded-buffer"])
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path, extra):
+    straight = launch(overrides(tiny_assets, tmp_path / "straight", extra))
 
     out = tmp_path / "crashed"
-    killed_after_checkpoint(overrides(tiny_assets, out), out, round_=2)
+    killed_after_checkpoint(overrides(tiny_assets, out, extra), out, round_=2)
     assert not list((out / "checkpoints").glob("*.tmp")) or (out / "checkpoints" / "round_000002").exists()
-    resumed = launch([*overrides(tiny_assets, out), "resume=auto"])
+    if extra:
+        saved = out / "checkpoints" / "round_000002"
+        waiting = [spill.load(f) for f in sorted((saved / "buffer").glob("shard_*.safetensors"))]
+        assert len(waiting) == 2 and sum(map(len, waiting)) > 0
+        assert len(spill.load(saved / "ahead.safetensors")) == 64
+        for r in straight["rounds"][1:]:  # each step trains on 32 samples, counted by the lag they were used at
+            assert sum(v for k, v in r.items() if k.startswith("buffer/used_at_lag_")) == 32
+    resumed = launch([*overrides(tiny_assets, out, extra), "resume=auto"])
 
     # metrics continue where the checkpoint stopped: every round once, in order, equal to the straight run
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3, 4]
