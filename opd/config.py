@@ -199,8 +199,9 @@ class LossConfig:
 class BufferConfig:
     capacity: int = 65536
     """Samples held at most; the oldest are evicted first."""
-    max_staleness: int = 1
-    """Samples generated more than this many policy versions ago are never trained on."""
+    max_staleness: int = 4
+    """Samples generated more than this many policy versions (optimizer steps) ago are never trained on; async
+    trains on samples one round, i.e. learner.mini_batches versions, old."""
     num_shards: int = 1
     """Buffer actors; samples are placed by a hash of their prompt and drawn from every shard."""
     order: str = "fifo"
@@ -385,9 +386,11 @@ def check(cfg: OPDConfig) -> None:
     if cfg.pipeline.mode == "async":
         if cfg.mode != "on_policy":
             raise ConfigError("pipeline.mode=async overlaps student generation with learning: it needs mode=on_policy")
-        if cfg.buffer.max_staleness < 1:
+        if cfg.buffer.max_staleness < cfg.learner.mini_batches:
             raise ConfigError(
-                "pipeline.mode=async trains on samples one policy version old: buffer.max_staleness must be >= 1"
+                "pipeline.mode=async trains on samples one round old, which is learner.mini_batches="
+                f"{cfg.learner.mini_batches} policy versions (one per optimizer step): buffer.max_staleness="
+                f"{cfg.buffer.max_staleness} must be at least that"
             )
         if cfg.rollout.colocate:
             raise ConfigError(

@@ -54,33 +54,36 @@ def test_rest_logprob_spreads_missing_mass_over_the_rest_of_the_vocab(signals):
 # ---------------------------------------------------------------- mean_logprob (product of experts)
 
 
-def test_mean_logprob_weighted_geometric_mean_and_renormalised_union(signals):
+def test_mean_logprob_is_the_normalised_weighted_geometric_mean(signals):
     out = mean_logprob(signals, {"A": 1.0, "B": 3.0}, vocab_size=V, top_k=2)
     wa, wb = 0.25, 0.75
-    # Sampled tokens: 1 (A .3, B .1) and 3 (A .1, B .1 — B's own value, not its rest estimate).
-    np.testing.assert_allclose(out.logprobs, [wa * L(0.3) + wb * L(0.1), L(0.1)], rtol=1e-6)
     assert out.logprobs.dtype == np.float32 and out.topk_ids.dtype == np.int64
 
-    # Row 0: union {0, 1, 2}. A lacks 2 (rest 0.1), B lacks 1 (rest (1 - .85) / 2 = .075).
+    # Row 0: union {0, 1, 2}. A lacks 2 (rest (1 - .8) / 2 = .1), B lacks 1 (rest (1 - .85) / 2 = .075);
+    # the one id outside the union (3) gets both rests. Z normalises over all four.
     raw = {0: wa * L(0.5) + wb * L(0.2), 1: wa * L(0.3) + wb * L(0.075), 2: wa * L(0.1) + wb * L(0.65)}
-    z = L(sum(math.exp(v) for v in raw.values()))
-    expected = dict(sorted(((i, v - z) for i, v in raw.items()), key=lambda kv: -kv[1])[:2])
+    z0 = L(sum(math.exp(v) for v in raw.values()) + math.exp(wa * L(0.1) + wb * L(0.075)))
+    expected = dict(sorted(((i, v - z0) for i, v in raw.items()), key=lambda kv: -kv[1])[:2])
     assert list(out.topk_ids[0]) == list(expected)  # sorted by decreasing log-prob: [2, 0]
     np.testing.assert_allclose(out.topk_logprobs[0], list(expected.values()), rtol=1e-6)
 
-    # Row 1: both teachers list {2, 1}; renormalised over those two ids.
+    # Row 1: both teachers list {2, 1}; the two ids outside (0, 3) share A's .1 and B's .075 rests.
     raw = {2: wa * L(0.6) + wb * L(0.7), 1: wa * L(0.2) + wb * L(0.15)}
-    z = L(sum(math.exp(v) for v in raw.values()))
-    assert as_dict(out, 1) == pytest.approx({i: v - z for i, v in raw.items()}, rel=1e-6)
-    assert np.exp(out.topk_logprobs[1].astype(np.float64)).sum() == pytest.approx(1, rel=1e-6)
+    z1 = L(sum(math.exp(v) for v in raw.values()) + 2 * math.exp(wa * L(0.1) + wb * L(0.075)))
+    assert as_dict(out, 1) == pytest.approx({i: v - z1 for i, v in raw.items()}, rel=1e-6)
+    assert np.exp(out.topk_logprobs[1].astype(np.float64)).sum() < 1
+
+    # Sampled tokens: 1 (A .3, B .1) and 3 (A .1, B .1: each teacher's own value, not a rest estimate),
+    # normalised by the same Z as the top-k: one distribution.
+    np.testing.assert_allclose(out.logprobs, [wa * L(0.3) + wb * L(0.1) - z0, L(0.1) - z1], rtol=1e-6)
 
 
 def test_mean_logprob_of_identical_teachers_is_that_teacher(signals):
     out = mean_logprob({"A": signals["A"], "A2": signals["A"]}, vocab_size=V, top_k=2)
     np.testing.assert_allclose(out.logprobs, signals["A"].logprobs, rtol=1e-6)
     np.testing.assert_array_equal(out.topk_ids, signals["A"].topk_ids)
-    # Renormalised over the union (= A's top-2): 0.5 / 0.8 and 0.3 / 0.8.
-    np.testing.assert_allclose(out.topk_logprobs[0], [L(0.5 / 0.8), L(0.3 / 0.8)], rtol=1e-6)
+    # A's own full-vocabulary values: the 0.2 outside its top-2 stays outside.
+    np.testing.assert_allclose(out.topk_logprobs[0], [L(0.5), L(0.3)], rtol=1e-6)
 
 
 def test_mean_logprob_zero_weight_teacher_is_ignored_even_with_minus_inf(signals):

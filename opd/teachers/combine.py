@@ -164,27 +164,35 @@ def mean_logprob(
     vocab_size: int,
     top_k: int,
 ) -> Scored:
-    """Weighted product of experts: log p(x) ∝ sum_i w_i log p_i(x) — the student is pushed to where all agree.
+    """Weighted product of experts: p(x) = prod_i p_i(x)^w_i / Z — the student is pushed to where all agree.
 
-    Sampled token: sum_i w_i lp_i with weights normalised, NOT renormalised. The PoE normaliser Z is unknown
-    without full vocabularies; by weighted AM-GM, Z = sum_x prod_i p_i(x)^w_i <= 1, so this is a lower bound
-    on the true PoE log-prob, exact when the teachers agree.
+    One normalised distribution for both fields, so the sampled-token log-prob and the top-k describe the
+    same target (and the mass outside the top-k, which the learner's losses use, is meaningful):
 
-    Top-k (approximation): candidates are the union of the teachers' top-k ids; a teacher missing an id
-    contributes its `rest_logprob` (its missing mass spread evenly over the ids outside its top-k). Scores are
-    renormalised over the union only (mass outside the union is taken as 0), and the `top_k` highest are
-    kept — so the top-k sum to at most 1 and slightly overstate the PoE where the union misses real mass.
+    - candidates are the union U of the teachers' top-k ids; a teacher missing an id contributes its
+      `rest_logprob` (its missing mass spread evenly over the ids outside its top-k);
+    - the V - |U| ids outside the union all score sum_i w_i rest_i (every teacher's rest estimate);
+    - Z sums both parts, so identical teachers give back that teacher exactly;
+    - the sampled token's log-prob is sum_i w_i lp_i (each teacher's exact value) minus log Z;
+    - the `top_k` highest of U are kept.
+
+    The approximation is the even spread of each teacher's missing mass; with full vocabularies it is exact.
     """
     _check_sizes(vocab_size, top_k)
     _check_signals(signals)
     w = _normalised_weights(signals, weights)
     names = list(w)
-    lp = sum(w[n] * np.asarray(signals[n].logprobs, dtype=np.float64) for n in names)
     ids, keep, per_teacher = _union(signals, names, vocab_size)
     wv = np.asarray([w[n] for n in names])[:, None, None]
-    poe = np.where(keep, (wv * per_teacher).sum(axis=0), -np.inf)
-    norm = _logsumexp(poe, axis=1)[:, None]
-    poe = np.where(np.isfinite(norm), poe - np.where(np.isfinite(norm), norm, 0.0), -np.inf)
+    scores = np.where(keep, (wv * per_teacher).sum(axis=0), -np.inf)
+    with np.errstate(divide="ignore"):
+        rest = sum(w[n] * rest_logprob(np.asarray(signals[n].topk_logprobs), vocab_size) for n in names)
+        outside = np.maximum(vocab_size - keep.sum(axis=1), 0)
+        outside_mass = np.where(outside > 0, np.log(outside) + rest, -np.inf)
+    log_z = _logsumexp(np.concatenate([scores, outside_mass[:, None]], axis=1), axis=1)
+    log_z = np.where(np.isfinite(log_z), log_z, 0.0)
+    poe = np.where(keep, scores - log_z[:, None], -np.inf)
+    lp = sum(w[n] * np.asarray(signals[n].logprobs, dtype=np.float64) for n in names) - log_z
     top_ids, top_vals = _top(ids, poe, top_k)
     return Scored(np.asarray(lp, dtype=np.float32), top_ids, top_vals)
 

@@ -26,8 +26,10 @@ VARYING = ("_s", "per_s", "idle_fraction", "wandb")  # timings differ between ru
 
 # The async variant checkpoints a buffer that is not empty: each round trains on the 32 of its 64 samples the
 # teacher disagrees with most; the rest wait in two buffer shards (at most 2 versions old) and go in the checkpoint.
+# One optimizer step a round, so a round's samples are 1 version old and the ones left over 2.
 ASYNC_SHARDED = (
     "pipeline.mode=async",
+    "learner.mini_batches=1",
     "buffer.num_shards=2",
     "buffer.order=disagreement",
     "buffer.train_per_round=32",
@@ -37,7 +39,6 @@ ASYNC_SHARDED = (
 
 def overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [
-        *extra,
         *tiny_overrides(assets, out),
         "rollout.num_workers=1",
         "learner.num_shards=2",
@@ -45,6 +46,7 @@ def overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -
         "rounds=4",
         "checkpoint.every=2",
         "eval.every=2",
+        *extra,
     ]
 
 
