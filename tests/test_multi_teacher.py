@@ -1,12 +1,14 @@
 """Several teachers on the real stack: every combine rule, a teacher with another tokenizer, judges, corrections.
 
 Teachers are tiny random models, so the judges' verdicts are mostly "wrong"; the tests check that each
-signal is produced, recorded and trained on, and that the student moves towards the teachers.
+signal is produced, recorded and trained on, and that the student moves towards the product of experts
+(the mixture's test is in test_integration.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -35,15 +37,14 @@ def rounds(summary: dict) -> list[dict]:
     return [r for r in summary["rounds"] if r["round"] >= 1]
 
 
-def test_product_of_experts_with_a_cross_tokenizer_teacher_and_a_verifier(tiny_assets, tmp_path):
-    """A Qwen2 teacher sharing the student's tokenizer and a GPT-2 teacher with its own, as a product of experts."""
+def test_product_of_experts_of_two_sizes_with_a_verifier(tiny_assets, tmp_path):
+    """Two teachers of different sizes as a weighted product of experts; the student's reverse KL to it falls."""
     summary = launch(
         [
             *base(tiny_assets, tmp_path),
             teachers(
-                f"{{name: same, model: {tiny_assets['teacher']}, license: apache-2.0, source: test}}",
-                f"{{name: other, model: {tiny_assets['other_tokenizer_teacher']}, backend: transformers,"
-                " license: mit, source: test, weight: 0.5}",
+                f"{{name: small, model: {tiny_assets['teacher']}, license: apache-2.0, source: test}}",
+                f"{{name: big, model: {tiny_assets['big_teacher']}, license: mit, source: test, weight: 0.5}}",
             ),
             "combine.rule=mean_logprob",
             "judge.kind=verifier",
@@ -54,21 +55,22 @@ def test_product_of_experts_with_a_cross_tokenizer_teacher_and_a_verifier(tiny_a
     final = summary["final"]
     assert final["reverse_kl_after"] < final["reverse_kl_before"], final
     for r in rounds(summary):
-        assert r["teachers/same_samples"] == pytest.approx(64 / 1.5) and r["teachers/other_samples"] > 0
+        assert r["teachers/small_samples"] == pytest.approx(64 / 1.5)
+        assert r["teachers/big_samples"] == pytest.approx(64 * 0.5 / 1.5)
         assert r["judge/scored_fraction"] == 1.0 and r["judge/mean_score"] >= 0
     student = Path(final["student_path"])
     record = json.loads((student / "provenance.json").read_text())
     assert [t["licence"]["id"] for t in record["teachers"]] == ["apache-2.0", "mit"]
     assert sum(t["signal_share"] for t in record["teachers"]) == pytest.approx(1.0)
-    assert "other" in (student / "DISTILLATION.md").read_text()
+    assert "big" in (student / "DISTILLATION.md").read_text()
 
 
-def test_route_by_domain_with_a_rubric_judge_filtering(tiny_assets, tmp_path):
-    """Each prompt goes to the teacher its `domain` names; a teacher judges every response with a rubric."""
+def test_route_by_domain_to_teachers_of_other_sizes_and_tokenizers_with_a_rubric_judge(tiny_assets, tmp_path):
+    """Each prompt goes to the teacher its `domain` names, one of them a GPT-2 with its own tokenizer (its signal
+    is bridged through character offsets); a teacher judges every response with a rubric and filters."""
+    names = ["small", "big", "other"]
     rows = [json.loads(line) for line in Path(tiny_assets["train"]).read_text().splitlines()]
-    train = write_jsonl(
-        tmp_path / "train.jsonl", [{**r, "domain": ["small", "big"][i % 2]} for i, r in enumerate(rows)]
-    )
+    train = write_jsonl(tmp_path / "train.jsonl", [{**r, "domain": names[i % 3]} for i, r in enumerate(rows)])
     summary = launch(
         [
             *base(tiny_assets, tmp_path),
@@ -76,10 +78,11 @@ def test_route_by_domain_with_a_rubric_judge_filtering(tiny_assets, tmp_path):
             teachers(
                 f"{{name: small, model: {tiny_assets['teacher']}}}",
                 f"{{name: big, model: {tiny_assets['big_teacher']}}}",
+                f"{{name: other, model: {tiny_assets['other_tokenizer_teacher']}, backend: transformers}}",
             ),
             "combine.rule=route",
-            "combine.routes={small: small, big: big}",
-            "combine.default=small",
+            "combine.routes={small: small, big: big, other: other}",
+            "combine.default=small",  # the eval prompts carry no domain
             "judge.kind=rubric",
             "judge.teacher=big",
             "judge.rubric='Task: {prompt}{response} Score (0-10):'",
@@ -89,8 +92,9 @@ def test_route_by_domain_with_a_rubric_judge_filtering(tiny_assets, tmp_path):
         ]
     )
     for r in rounds(summary):
-        assert r["teachers/small_samples"] + r["teachers/big_samples"] == 64
-        assert r["teachers/small_samples"] > 0 and r["teachers/big_samples"] > 0
+        assert sum(r[f"teachers/{n}_samples"] for n in names) == 64
+        assert all(r[f"teachers/{n}_samples"] > 0 for n in names)
+        assert math.isfinite(r["learner/jsd"]) and math.isfinite(r["train/reverse_kl"])
         # a random judge rarely writes a number in range: every verdict is either a score or a recorded failure
         failures = r["judge/parse_failures"] / 64
         assert r["judge/scored_fraction"] + failures == pytest.approx(1.0)
