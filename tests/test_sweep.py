@@ -1,8 +1,14 @@
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from omegaconf import OmegaConf
+
 from opd.sweep import expand, run_name, table, varying
+from tests.stack import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,3 +36,31 @@ def test_a_bad_point_stops_the_sweep_before_any_run():
         [sys.executable, "launch.py", "--multirun", "loss.beta=0.5,3"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "loss.beta=3" in proc.stderr and "runs over" not in proc.stdout
+
+
+@pytest.mark.integration
+def test_multirun_gives_each_point_its_own_run_grouped_in_wandb_and_a_table(tiny_assets, tmp_path):
+    args = [*tiny_overrides(tiny_assets, tmp_path), "rollout.num_workers=1", "learner.num_shards=1", "rounds=1"]
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "--multirun", *args, "learner.lr=1e-3,1e-2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=dict(os.environ, WANDB_MODE="offline"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = result["runs"]
+    assert [r["run"] for r in runs] == ["learner.lr=1e-3", "learner.lr=1e-2"]
+    root = Path(runs[0]["output_dir"]).parent
+    assert root.name == result["sweep"] and len({r["output_dir"] for r in runs}) == 2
+    assert all(r["run"] in (root / "sweep.md").read_text() for r in runs)
+    assert json.loads((root / "sweep.json").read_text()) == result
+    for r, lr in zip(runs, (1e-3, 1e-2), strict=True):
+        out = Path(r["output_dir"])
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["final"]["reverse_kl_after"] == r["reverse_kl_after"]
+        cfg = OmegaConf.load(out / "config.yaml")
+        assert cfg.learner.lr == lr and cfg.wandb.group == result["sweep"] and cfg.wandb.name == r["run"]
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
