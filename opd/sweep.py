@@ -13,12 +13,16 @@ _SPLIT = re.compile(r",(?![^\[\]{}]*[\]}])")  # commas outside [...] and {...}
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """The cartesian product of comma-separated override values, in the order given."""
-    axes = []
+    """The cartesian product of comma-separated override values, in the order given.
+
+    A key given twice keeps its last value, at the place it was first given, as in a single run's overrides
+    (`rounds=4 ... rounds=8` means 8): a sweep can vary a key a base list of overrides also sets.
+    """
+    axes: dict[str, list[str]] = {}
     for item in overrides:
         key, _, value = item.partition("=")
-        axes.append([f"{key}={v}" for v in _SPLIT.split(value)])
-    return [list(point) for point in itertools.product(*axes)]
+        axes[key] = [f"{key}={v}" for v in _SPLIT.split(value)]
+    return [list(point) for point in itertools.product(*axes.values())]
 
 
 def varying(points: list[list[str]]) -> list[str]:

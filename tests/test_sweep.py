@@ -22,6 +22,13 @@ def test_grid_is_the_cartesian_product_in_order():
     assert run_name(points[1], varying(points)) == "loss.beta=0,learner.lr=3e-5"
 
 
+def test_a_key_given_twice_keeps_its_last_values():
+    assert expand(["learner.lr=1e-2", "rounds=2", "learner.lr=1e-3,1e-2"]) == [
+        ["learner.lr=1e-3", "rounds=2"],
+        ["learner.lr=1e-2", "rounds=2"],
+    ]
+
+
 def test_commas_inside_brackets_do_not_split():
     assert expand(["data.tags=[a,b]"]) == [["data.tags=[a,b]"]]
 
