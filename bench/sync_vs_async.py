@@ -5,7 +5,8 @@
 
 Prints one line per figure: samples/s of each mode and their ratio (target: async >= 1.5x sync), the
 learner's idle fraction (target: async < 10%), and the final held-out reverse KL of each (target: within 5%).
-Timings skip the first round (engine warm-up). Any `key=value` argument overrides both runs.
+Then a table of mean seconds per round: each stage busy, and the controller waiting for generation and
+for teacher feedback. Timings skip the first round (engine warm-up). Any `key=value` argument overrides both runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+STAGES = ("round", "generate", "generate_wait", "score", "score_wait", "learn", "sync")
+"""`pipeline/<stage>_s`, averaged over the timed rounds."""
 
 
 def measure(summary: dict) -> dict[str, float]:
@@ -26,6 +30,7 @@ def measure(summary: dict) -> dict[str, float]:
         "samples_per_s": samples / seconds,
         "learner_idle_fraction": 1 - learn / seconds,
         "reverse_kl": summary["final"]["reverse_kl_after"],
+        **{stage: sum(r[f"pipeline/{stage}_s"] for r in rounds) / len(rounds) for stage in STAGES},
     }
 
 
@@ -58,6 +63,9 @@ def main(overrides: list[str]) -> None:
         f"final reverse KL           sync {sync['reverse_kl']:.4f}, async {rest['reverse_kl']:.4f}, "
         f"differ by {kl_gap:.1%}   (target <= 5%)"
     )
+    print("mean seconds per round  " + "  ".join(f"{stage:>13}" for stage in STAGES))
+    for mode, row in results.items():
+        print(f"{mode:<23}" + "".join(f"  {row[stage]:13.3f}" for stage in STAGES))
 
 
 if __name__ == "__main__":

@@ -223,9 +223,10 @@ class EvalConfig:
 @dataclass
 class PipelineConfig:
     mode: Literal["sync", "async"] = "sync"
-    """sync: generate, score, learn and sync in turn. async: while the learner trains on round r, the rollout
-    workers already generate round r+1 with the weights they hold, so samples are one policy version old when
-    trained on (buffer.max_staleness must allow 1); truncated importance weights (loss.is_cap) correct for it."""
+    """sync: generate, score, learn and sync in turn. async: while the learner trains on round r, the teachers
+    score round r+1 as soon as it is generated, and round r+2 generates from round r's sync on; samples are one
+    round (learner.mini_batches versions) old when trained on, and truncated importance weights (loss.is_cap)
+    correct for it."""
 
 
 @dataclass

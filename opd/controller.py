@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -21,23 +23,24 @@ from opd.buffer import spill
 from opd.buffer.sample import Sample
 from opd.buffer.sharded import ShardedBuffer
 from opd.config import OPDConfig
-from opd.data import DataError, Prompt, is_correct
+from opd.data import Encoded, Prompt, encode, is_correct
 from opd.learner.group import LearnerGroup, mean_metrics
 from opd.monitoring import Monitor
 from opd.partition import chunks
 from opd.rollout.worker import RolloutWorker
-from opd.teachers import judge
-from opd.teachers.combine import pick_best, route_teacher
-from opd.teachers.correct import corrected, first_unlikely
+from opd.teachers.combine import route_teacher
+from opd.teachers.feedback import Feedback, Scored, reverse_kl
 from opd.teachers.pool import TeacherPool
 
 AHEAD = "ahead.safetensors"
-"""In a checkpoint: the async pipeline's samples for the next round, generated before the checkpoint."""
+"""In an async checkpoint: the next round's samples, generated and scored before the checkpoint."""
+GENERATED = "generated.safetensors"
+"""In an async checkpoint: the samples of the round after the next, generated before the checkpoint."""
 
 
 @dataclass
 class Pending:
-    """A generation in flight (refs), or done (samples): async rounds hold the next round's in `Controller.next`."""
+    """A round's generation in flight (refs) or done (samples), and the teachers' feedback on it."""
 
     prompts: list[Encoded]
     args: tuple
@@ -45,44 +48,17 @@ class Pending:
     refs: list
     samples: list[Sample] | None = None
     busy_s: float = 0.0
+    feedback: Future | None = None
+    """Resolves to the `Scored` samples; async computes it on a thread while the learner trains."""
+    generated: threading.Event = field(default_factory=threading.Event)
+    """async: set by the feedback thread once it has the samples (or found a rollout worker dead)."""
 
 
-@dataclass
-class Encoded:
-    prompt: Prompt
-    ids: list[int]
-    teacher: str | None = None
-    """The teacher this prompt is routed to (combine.rule=route, or best_of once judged), else None."""
-
-
-def encode(
-    tokenizer, prompts: list[Prompt], limit: int, source: str, route=None, on_error: str = "fail"
-) -> tuple[list[Encoded], int]:
-    """Tokenize prompts (and route each to a teacher). Returns them and how many were skipped.
-
-    A prompt with no room for a response is an error naming file and line, or skipped and counted
-    with `data.on_error=skip`; an unroutable prompt is always an error (it means a wrong routing table).
-    """
-    out, skipped = [], 0
-    for p in prompts:
-        where = f"{source}:{p.line}" if p.line > 0 else f"{source}: prompt #{p.index + 1}"
-        ids = tokenizer.encode(p.text)
-        if len(ids) > limit:
-            if on_error == "skip":
-                skipped += 1
-                continue
-            raise DataError(
-                f"{where}: prompt is {len(ids)} tokens; with rollout.max_new_tokens the limit is {limit} "
-                "(raise rollout.engine.max_model_len, shorten it, or set data.on_error=skip)"
-            )
-        try:
-            teacher = route(p) if route else None
-        except ValueError as err:
-            raise DataError(f"{where}: {err}") from None
-        out.append(Encoded(p, ids, teacher))
-    if not out:
-        raise DataError(f"{source}: no prompt fits the context ({skipped} too long)")
-    return out, skipped
+def finished(value) -> Future:
+    """A future that is already done: feedback computed in turn, or restored from a checkpoint."""
+    out: Future = Future()
+    out.set_result(value)
+    return out
 
 
 def _assigned(prompts: list[Encoded]) -> dict[str, str]:
@@ -122,13 +98,6 @@ def cross_tokenizer_teachers(student_tokenizer, teachers: dict[str, str], rule: 
     return bridged
 
 
-def reverse_kl(samples: list[Sample]) -> float:
-    """Per-token Monte Carlo estimate of KL(student || teacher) on the tokens the student wrote itself."""
-    tokens = sum(s.student_tokens for s in samples)
-    gap = sum(float((s.logprobs - s.teacher_logprobs)[: s.student_tokens].sum()) for s in samples)
-    return gap / max(tokens, 1)
-
-
 class Controller:
     def __init__(
         self,
@@ -145,7 +114,6 @@ class Controller:
         self.tokenizer = AutoTokenizer.from_pretrained(student)
         check_top_k(cfg.loss.top_k, len(self.tokenizer))
         self.bridged = cross_tokenizer_teachers(self.tokenizer, teachers, cfg.combine.rule)
-        self.verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
         limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
         route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
         self.train, too_long = encode(self.tokenizer, train, limit, cfg.data.train, route, cfg.data.on_error)
@@ -162,8 +130,11 @@ class Controller:
         self.signal_share: dict[str, float] = {}
         self.rollout_restarts = 0
         self.examples: list[dict] = []
+        self.ahead: Pending | None = None
+        """async: the next round, generated and being scored on `self.background` while this round learns."""
         self.next: Pending | None = None
-        """async: the next round's generation, launched before this round learns."""
+        """async: the round after the next, generating with the weights of this round's sync."""
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="opd-feedback")
         made = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
         self.train_per_round = cfg.buffer.train_per_round or made
         """Samples each learner step takes from the buffer."""
@@ -204,6 +175,7 @@ class Controller:
             cfg.loss.top_k,
             {t.name: self.groups[f"teacher:{t.name}"] for t in cfg.teachers},
         )
+        self.feedback = Feedback(cfg, self.teachers, self.tokenizer, self.by_index)
         buf = cfg.buffer
         self.buffer = ShardedBuffer(buf.num_shards, buf.capacity, buf.max_staleness, buf.order)
         self.learner = LearnerGroup(
@@ -274,7 +246,7 @@ class Controller:
         bar = tqdm(range(start + 1, cfg.rounds + 1), desc="distilling", unit="round", dynamic_ncols=True)
         bar.update(start)
         for r in bar:
-            metrics = self.round()
+            metrics = self.round(r)
             if r % cfg.eval.every == 0 or r == cfg.rounds:
                 metrics |= self.evaluate()
                 self.monitor.table("samples", self.examples, step=r)
@@ -284,6 +256,7 @@ class Controller:
             bar.set_postfix(
                 {k: f"{metrics[k]:.3g}" for k in ("train/reverse_kl", "eval/student_accuracy") if k in metrics}
             )
+        self.background.shutdown()
         student_path = os.path.abspath(os.path.join(cfg.output_dir, "student"))
         self.learner.save(student_path)
         first, last = self.monitor.history[0], self.monitor.history[-1]
@@ -318,18 +291,25 @@ class Controller:
             "wandb_id": self.monitor.run_id,
             "assigned": {"train": _assigned(self.train), "eval": _assigned(self.evals)},
         }
-        # async: the next round's samples (already generated, see `round`) travel with the checkpoint, so a
-        # resumed run trains on exactly what an uninterrupted one would.
+        # async: the next round's samples (generated and scored, see `round`) and the following round's
+        # (generated) travel with the checkpoint, so a resumed run trains on exactly what an uninterrupted one would.
+        if self.ahead is not None:
+            scored = self.ahead.feedback.result()
+            state["ahead"] = {"generate_s": self.ahead.busy_s, "feedback": scored.to_state()}
+            spill.save(scored.samples, tmp / AHEAD)
         if self.next is not None:
-            state["ahead"] = [e.prompt.index for e in self.next.prompts]
-            spill.save(self.next.samples, tmp / AHEAD)
+            state["generated"] = [e.prompt.index for e in self.next.prompts]
+            spill.save(self.collect(self.next)[0], tmp / GENERATED)
         checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint into the running actors and push its weights to the rollout workers."""
         state = checkpoint.load(path)
         if "ahead" in state:
-            self.next = Pending([self.by_index[i] for i in state["ahead"]], (), [], spill.load(path / AHEAD))
+            scored = Scored.from_state(spill.load(path / AHEAD), state["ahead"]["feedback"])
+            self.ahead = Pending([], (), [], scored.samples, state["ahead"]["generate_s"], finished(scored))
+        if "generated" in state:
+            self.next = Pending([self.by_index[i] for i in state["generated"]], (), [], spill.load(path / GENERATED))
         step = self.learner.load_state(str(path / "learner"))
         if step != state["version"]:
             raise RuntimeError(f"{path}: learner step {step} does not match policy version {state['version']}")
@@ -349,43 +329,49 @@ class Controller:
         cfg = self.cfg
         prompts = self.next_prompts(cfg.rollout.prompts_per_round)
         if cfg.combine.rule == "best_of":
-            self.assign_best_teachers(prompts)
+            self.feedback.assign_best_teachers(prompts)
         return self.launch(prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature, seed=self.version)
 
-    def round(self) -> dict[str, float]:
+    def teacher_round(self) -> Pending:
+        """mode=offline: the teacher writes the round's responses, the student imitates them."""
+        cfg, t0 = self.cfg.rollout, time.perf_counter()
+        prompts = self.next_prompts(cfg.prompts_per_round)
+        outs = self.teachers.generate(
+            [e.ids for e in prompts], cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, None
+        )
+        return Pending(prompts, (), [], self.as_samples(prompts, outs), time.perf_counter() - t0)
+
+    def round(self, r: int) -> dict[str, float]:
+        """Round r: samples, the teachers' feedback on them, one learner step per mini-batch, a weight sync.
+
+        sync runs these in turn. async overlaps three rounds: while round r learns, round r+1 (generated
+        during round r-1) is scored on a thread, and round r+2 starts generating once round r's weights are
+        synced, so samples are trained on one round (learner.mini_batches versions) after they were generated.
+        """
         cfg = self.cfg
+        overlapped = cfg.pipeline.mode == "async"
         t_round = time.perf_counter()
-        if cfg.mode == "on_policy":
-            pending, self.next = self.next or self.launch_round(), None
-            samples, gen_busy = self.collect(pending)
-            if cfg.pipeline.mode == "async":  # round r+1 generates while round r is scored and learned
-                self.next = self.launch_round()
+        if overlapped:
+            if self.ahead is None:  # the first round: nothing was generated or scored before it
+                self.ahead = self.launch_round()
+                self.ahead.feedback = finished(self.feedback(self.collect(self.ahead)[0], cfg.seed + r))
+                self.next = self.launch_round() if r < cfg.rounds else None
+            current, self.ahead, self.next = self.ahead, self.next, None
+            if self.ahead is not None:
+                self.ahead.feedback = self.background.submit(self.feedback_when_generated, self.ahead, cfg.seed + r + 1)
         else:
-            prompts = self.next_prompts(cfg.rollout.prompts_per_round)
-            t0 = time.perf_counter()
-            samples = self.teacher_samples(prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature)
-            gen_busy = time.perf_counter() - t0
+            current = self.launch_round() if cfg.mode == "on_policy" else self.teacher_round()
+            self.collect(current)
         gen_wait = time.perf_counter() - t_round
-        tokens = sum(s.num_tokens for s in samples)
 
         t0 = time.perf_counter()
-        extra: dict[str, float] = {}
-        if cfg.mode == "on_policy":
-            share = self.teachers.score(samples, cfg.loss.top_k)
-            for name, n in share.items():
-                self.signal_share[name] = self.signal_share.get(name, 0.0) + n
-                extra[f"teachers/{name}_samples"] = n
-            # Before corrections: the student's own samples, so this is the unbiased on-policy estimate.
-            extra["train/reverse_kl"] = reverse_kl(samples)
-        if cfg.judge.kind != "none":
-            extra |= self.judge(samples)
-        shown = [s.response_ids for s in samples[: self.SHOWN]]
-        if cfg.correction.enabled:
-            extra |= self.correct(samples)
-        self.examples = self.sample_rows(samples[: self.SHOWN], shown)
-        score_s = time.perf_counter() - t0
-        self.teacher_tokens += tokens
-
+        scored = current.feedback.result() if overlapped else self.feedback(current.samples, cfg.seed + r)
+        score_wait = time.perf_counter() - t0
+        samples = scored.samples
+        for name, n in scored.share.items():
+            self.signal_share[name] = self.signal_share.get(name, 0.0) + n
+        self.teacher_tokens += scored.tokens
+        self.examples = scored.examples
         self.buffer.add(samples)
         batch, buffer_stats = self.buffer.take(self.train_per_round, self.version)
 
@@ -396,9 +382,15 @@ class Controller:
         learn_s = time.perf_counter() - t0
         if cfg.rollout.colocate:
             ray.get([w.wake_up.remote() for w in self.rollout])
-        if self.next is not None:  # new weights land once the in-flight generation is done with the old ones
-            self.collect(self.next)
+        if self.ahead is not None:  # new weights land once the generation in flight is done with the old ones
+            t0 = time.perf_counter()
+            self.ahead.generated.wait()
+            if self.ahead.samples is None:  # a rollout worker died: replace it now the learner is free, score here
+                self.ahead.feedback = finished(self.feedback(self.collect(self.ahead)[0], cfg.seed + r + 1))
+            gen_wait += time.perf_counter() - t0
         sync = self.sync_weights()
+        if overlapped and r + 2 <= cfg.rounds:
+            self.next = self.launch_round()
         round_s = time.perf_counter() - t_round
 
         metrics = {f"learner/{k}": v for k, v in mean_metrics(learner).items()}
@@ -406,20 +398,22 @@ class Controller:
         metrics["learner/sampler_learner_logprob_gap"] = learner[0]["sampler_learner_logprob_gap"]
         metrics |= {f"buffer/{k}": v for k, v in buffer_stats.items()}
         teacher_bytes = sum(s.teacher_nbytes for s in samples)
+        tokens = scored.tokens
         metrics |= {
             "train/response_tokens": tokens / len(samples),
             "train/teacher_tokens": float(self.teacher_tokens),
             "pipeline/round_s": round_s,
-            "pipeline/generate_s": gen_busy,
+            "pipeline/generate_s": current.busy_s,
             "pipeline/generate_wait_s": gen_wait,
-            "pipeline/score_s": score_s,
+            "pipeline/score_s": scored.busy_s,
+            "pipeline/score_wait_s": score_wait,
             "pipeline/learn_s": learn_s,
             "pipeline/sync_s": sync["weight_sync_s"],
             "pipeline/learner_idle_fraction": 1.0 - learn_s / round_s,
             "pipeline/samples_per_s": len(samples) / round_s,
             "pipeline/teacher_bytes_per_token": teacher_bytes / max(tokens, 1),
-            "tokens_per_s": tokens / max(gen_busy, 1e-9),
-            "scored_tokens_per_s": tokens / max(score_s, 1e-9),
+            "tokens_per_s": tokens / max(current.busy_s, 1e-9),
+            "scored_tokens_per_s": tokens / max(scored.busy_s, 1e-9),
             "weight_sync_s": sync["weight_sync_s"],
             "weight_sync_gb": sync["weight_sync_gb"],
             "weight_sync_gb_per_s": sync["weight_sync_gb_per_s"],
@@ -427,7 +421,21 @@ class Controller:
             "policy_version": float(self.version),
             "faults/rollout_restarts": float(self.rollout_restarts),
         }
-        return metrics | extra
+        return metrics | scored.metrics
+
+    def feedback_when_generated(self, pending: Pending, seed: int) -> Scored | None:
+        """async, on the feedback thread: the teachers' feedback on `pending` once it is generated.
+
+        A dead rollout worker is left to the controller (None): replacing it re-sends the learner's weights,
+        which must not happen in the middle of the learner's step.
+        """
+        try:
+            self.collect(pending, restart=False)
+        except ray.exceptions.RayActorError:
+            return None
+        finally:
+            pending.generated.set()
+        return self.feedback(pending.samples, seed)
 
     # -- pieces --------------------------------------------------------------------------------
     def next_prompts(self, n: int) -> list[Encoded]:
@@ -459,136 +467,27 @@ class Controller:
             )
         return Pending(prompts, (n, temperature, seed), refs)
 
-    def collect(self, pending: Pending) -> tuple[list[Sample], float]:
+    def collect(self, pending: Pending, restart: bool = True) -> tuple[list[Sample], float]:
         """The samples of a launch and the longest worker's busy seconds. A dead worker is replaced and the
-        request re-issued (same seeds, so the same samples)."""
+        request re-issued (same seeds, so the same samples), unless `restart` is off: then the error is raised."""
         failures = 0
         while pending.samples is None:
             try:
                 parts = ray.get(pending.refs)
-                pending.samples = [s for part, _ in parts for s in part]
                 pending.busy_s = max((busy for _, busy in parts), default=0.0)
+                pending.samples = [s for part, _ in parts for s in part]
             except ray.exceptions.RayActorError:
                 failures += 1
-                if failures > self.cfg.faults.max_restarts:
+                if not restart or failures > self.cfg.faults.max_restarts:
                     raise
                 self.restart_rollout()
                 pending.refs = self.launch(pending.prompts, *pending.args).refs
         return pending.samples, pending.busy_s
 
-    def teacher_samples(self, prompts: list[Encoded], n: int, temperature: float) -> list[Sample]:
-        """Offline KD data: the teacher writes the responses the student will imitate."""
-        outs = self.teachers.generate([e.ids for e in prompts], n, self.cfg.rollout.max_new_tokens, temperature, None)
-        return self.as_samples(prompts, outs)
-
-    SHOWN = 8
-    """Samples per eval round in the W&B samples table (and samples.jsonl)."""
-
-    def sample_rows(self, samples: list[Sample], written: list) -> list[dict]:
-        """What a person reads to see what the student does: prompt, its response, the correction, the verdict."""
-        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
-        return [
-            {
-                "prompt": decode(s.prompt_ids),
-                "student_response": decode(ids),
-                "teacher_correction": None
-                if s.correction_start is None
-                else decode(s.response_ids[s.correction_start :]),
-                "corrected_at": s.correction_start,
-                "judge_score": s.judge_score,
-                "teacher": s.teacher,
-                "policy_version": s.version,
-            }
-            for s, ids in zip(samples, written, strict=True)
-        ]
-
-    def judge(self, samples: list[Sample]) -> dict[str, float]:
-        """Score every response as a whole, store it with the sample, and apply `judge.use`."""
-        cfg = self.cfg.judge
-        prompts = [self.by_index[s.prompt_index] for s in samples]
-        texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        records = self.judge_texts(prompts, texts)
-        scores = [r.score for r in records]
-        bonus = judge.group_advantage(scores, [s.prompt_index for s in samples])
-        for s, score, b in zip(samples, scores, bonus, strict=True):
-            s.judge_score = score
-            s.advantage_bonus = cfg.advantage_coef * b
-            if cfg.use == "weight":
-                s.weight = score or 0.0
-            elif cfg.use == "filter":  # kept in the batch with no weight, so every shard's step keeps its shape
-                s.weight = float(score is not None and score >= cfg.min_score)
-        metrics = judge.judge_summary(records)
-        if cfg.use == "filter":
-            metrics["judge/filtered_fraction"] = sum(s.weight == 0 for s in samples) / len(samples)
-        return metrics
-
-    def judge_texts(self, prompts: list[Encoded], texts: list[str]) -> list[judge.JudgeRecord]:
-        """Verdicts on responses to `prompts`: a Python verifier, or a teacher reading the rubric."""
-        cfg = self.cfg.judge
-        if cfg.kind == "verifier":
-            return [
-                judge.run_verifier(self.verifier, t, e.prompt.answer, e.prompt.fields)
-                for e, t in zip(prompts, texts, strict=True)
-            ]
-        asks = [judge.render_rubric(cfg.rubric, e.prompt.text, t) for e, t in zip(prompts, texts, strict=True)]
-        verdicts = self.teachers.complete(cfg.teacher or self.teachers.default, asks, cfg.max_tokens, 0.0)
-        too_long = judge.JudgeRecord(None, error="judge prompt does not fit the judge's context (raise max_model_len)")
-        return [too_long if v is None else judge.parse_score(v) for v in verdicts]
-
-    def assign_best_teachers(self, prompts: list[Encoded]) -> None:
-        """combine.rule=best_of: each teacher answers each new prompt once; the best-judged one teaches it."""
-        todo = [e for e in prompts if e.teacher is None]
-        if not todo:
-            return
-        names = self.teachers.names
-        texts = [e.prompt.text for e in todo]
-        answers = {
-            n: [a or "" for a in self.teachers.complete(n, texts, self.cfg.rollout.max_new_tokens, 0.0)] for n in names
-        }
-        verdicts = {n: self.judge_texts(todo, answers[n]) for n in names}
-        for i, e in enumerate(todo):
-            scores = {n: np.nan if verdicts[n][i].score is None else verdicts[n][i].score for n in names}
-            e.teacher = pick_best(scores, names)
-
-    def correct(self, samples: list[Sample]) -> dict[str, float | list]:
-        """Teacher corrections, in place: cut each response at its first unlikely token, the teacher writes the rest."""
-        cfg, budget = self.cfg.correction, self.cfg.rollout.max_new_tokens
-        found = [
-            first_unlikely(
-                s.response_ids,
-                s.teacher_logprobs,
-                s.teacher_topk_ids,
-                s.teacher_topk_logprobs,
-                cfg.threshold,
-                cfg.outside_top_k,
-            )
-            for s in samples
-        ]
-        todo = [(i, j) for i, j in enumerate(found) if j is not None]
-        if todo:
-            names = [cfg.teacher or samples[i].teacher or self.teachers.default for i, _ in todo]
-            conts = self.teachers.correct(
-                names,
-                [samples[i].prompt_ids.tolist() for i, _ in todo],
-                [samples[i].response_ids[:j].tolist() for i, j in todo],
-                [budget - j for _, j in todo],
-                cfg.temperature,
-                self.cfg.seed + self.version,
-            )
-            for (i, j), cont in zip(todo, conts, strict=True):
-                samples[i] = corrected(samples[i], j, cont)
-        positions = [j for _, j in todo]
-        return {
-            "correction/rate": len(todo) / len(samples),
-            "correction/mean_position": float(np.mean(positions)) if positions else float("nan"),
-            "correction/teacher_tokens": float(sum(s.num_tokens - s.student_tokens for s in samples)),
-            "correction/position": positions,
-        }
-
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy and reverse KL to the teacher on the held-out prompts."""
         if self.cfg.combine.rule == "best_of":
-            self.assign_best_teachers(self.evals)
+            self.feedback.assign_best_teachers(self.evals)
         greedy = self.generate(self.evals, 1, 0.0, seed=None)
         accuracy = self.accuracy(greedy)
         metrics = {} if accuracy is None else {"eval/student_accuracy": accuracy}

@@ -11,6 +11,7 @@ import codecs
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,3 +119,48 @@ def final_answer(text: str) -> str | None:
 
 def is_correct(response: str, answer: str | None) -> bool:
     return answer is not None and final_answer(response) == answer.strip()
+
+
+@dataclass
+class Encoded:
+    """A prompt as the student's tokenizer reads it, and the teacher it is assigned to."""
+
+    prompt: Prompt
+    ids: list[int]
+    teacher: str | None = None
+    """The teacher this prompt is routed to (combine.rule=route, or best_of once judged), else None."""
+
+
+def encode(
+    tokenizer,
+    prompts: list[Prompt],
+    limit: int,
+    source: str,
+    route: Callable[[Prompt], str] | None = None,
+    on_error: str = "fail",
+) -> tuple[list[Encoded], int]:
+    """Tokenize prompts (and route each to a teacher). Returns them and how many were skipped.
+
+    A prompt with no room for a response is an error naming file and line, or skipped and counted
+    with `data.on_error=skip`; an unroutable prompt is always an error (it means a wrong routing table).
+    """
+    out, skipped = [], 0
+    for p in prompts:
+        where = f"{source}:{p.line}" if p.line > 0 else f"{source}: prompt #{p.index + 1}"
+        ids = tokenizer.encode(p.text)
+        if len(ids) > limit:
+            if on_error == "skip":
+                skipped += 1
+                continue
+            raise DataError(
+                f"{where}: prompt is {len(ids)} tokens; with rollout.max_new_tokens the limit is {limit} "
+                "(raise rollout.engine.max_model_len, shorten it, or set data.on_error=skip)"
+            )
+        try:
+            teacher = route(p) if route else None
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+        out.append(Encoded(p, ids, teacher))
+    if not out:
+        raise DataError(f"{source}: no prompt fits the context ({skipped} too long)")
+    return out, skipped

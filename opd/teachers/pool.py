@@ -8,6 +8,7 @@ is re-issued, up to `faults.teacher_retries` times; a teacher that still fails s
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -56,6 +57,7 @@ class TeacherPool:
         from opd.teachers.combine import RULES, SELECTING
 
         self.faults = faults
+        self.lock = threading.RLock()
         self.replicas: dict[str, list] = {}
         for t in teachers:
             actor = ray.remote(
@@ -120,12 +122,17 @@ class TeacherPool:
         return self._wait(name, submit(), submit)
 
     def _surviving(self, work: Callable[[], T]) -> T:
-        """Run `work`; when a teacher fails for good, drop it (or stop, per config) and run `work` again."""
-        while True:
-            try:
-                return work()
-            except TeacherFailed as err:
-                self._drop(err)
+        """Run `work`; when a teacher fails for good, drop it (or stop, per config) and run `work` again.
+
+        One caller at a time: async feedback runs on a thread while the controller may ask for best_of answers
+        or an eval, and a drop must not change the pool under a call in flight.
+        """
+        with self.lock:
+            while True:
+                try:
+                    return work()
+                except TeacherFailed as err:
+                    self._drop(err)
 
     def _resolve(self, name: str | None) -> str | None:
         """A dropped teacher's work goes to the first remaining one."""

@@ -162,7 +162,7 @@ def tokenizer():
 
 
 def test_prompt_longer_than_the_context_names_file_and_line_or_is_skipped(tmp_path, tokenizer):
-    from opd.controller import encode
+    from opd.data import encode
 
     path = write(tmp_path, b'{"prompt": "1+2="}\n\n{"prompt": "40+17="}\n')
     prompts, _ = load_prompts(path)

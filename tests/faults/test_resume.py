@@ -26,7 +26,9 @@ VARYING = ("_s", "per_s", "idle_fraction", "wandb")  # timings differ between ru
 
 # The async variant checkpoints a buffer that is not empty: each round trains on the 32 of its 64 samples the
 # teacher disagrees with most; the rest wait in two buffer shards (at most 2 versions old) and go in the checkpoint.
-# One optimizer step a round, so a round's samples are 1 version old and the ones left over 2.
+# One optimizer step a round, so a round's samples are 1 version old and the ones left over 2. The teachers'
+# feedback (scores, verdicts, corrections) on the next round runs on a thread while a round learns, so the
+# checkpoint also holds that round, scored, and the one after it, generated.
 ASYNC_SHARDED = (
     "pipeline.mode=async",
     "learner.mini_batches=1",
@@ -34,6 +36,10 @@ ASYNC_SHARDED = (
     "buffer.order=disagreement",
     "buffer.train_per_round=32",
     "buffer.max_staleness=2",
+    "judge.kind=verifier",
+    "correction.enabled=true",
+    "correction.outside_top_k=false",
+    "correction.threshold=-6",
 )
 
 
@@ -82,7 +88,12 @@ def weights(path: str) -> dict:
 
 
 def comparable(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not any(x in k for x in VARYING)}
+    return {k: v for k, v in row.items() if not any(x in k for x in VARYING) and not isinstance(v, list)}
+
+
+def lists(row: dict) -> dict:
+    """Histogram values (correction positions): compared exactly, since approx does not take nested lists."""
+    return {k: v for k, v in row.items() if isinstance(v, list)}
 
 
 @pytest.mark.parametrize("extra", [(), ASYNC_SHARDED], ids=["sync", "async-sharded-buffer"])
@@ -96,15 +107,21 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path, e
         saved = out / "checkpoints" / "round_000002"
         waiting = [spill.load(f) for f in sorted((saved / "buffer").glob("shard_*.safetensors"))]
         assert len(waiting) == 2 and sum(map(len, waiting)) > 0
-        assert len(spill.load(saved / "ahead.safetensors")) == 64
+        ahead, generated = spill.load(saved / "ahead.safetensors"), spill.load(saved / "generated.safetensors")
+        assert len(ahead) == len(generated) == 64
+        assert all(s.teacher_logprobs is not None and s.judge_score is not None for s in ahead)
+        assert all(s.teacher_logprobs is None for s in generated)
+        assert {s.version for s in ahead} == {1} and {s.version for s in generated} == {2}
         for r in straight["rounds"][1:]:  # each step trains on 32 samples, counted by the lag they were used at
             assert sum(v for k, v in r.items() if k.startswith("buffer/used_at_lag_")) == 32
+            assert r["correction/rate"] > 0 and r["judge/scored_fraction"] == 1
     resumed = launch([*overrides(tiny_assets, out, extra), "resume=auto"])
 
     # metrics continue where the checkpoint stopped: every round once, in order, equal to the straight run
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3, 4]
     for a, b in zip(straight["rounds"], resumed["rounds"], strict=True):
         assert comparable(a) == pytest.approx(comparable(b), rel=1e-5, abs=1e-6), (a["round"], a, b)
+        assert lists(a) == lists(b)
     import torch
 
     a, b = weights(straight["final"]["student_path"]), weights(resumed["final"]["student_path"])
