@@ -227,8 +227,9 @@ class Controller:
         self.rollout = self.spawn_rollout()
         ray.get([w.ready.remote() for w in self.rollout])
         self.learner.connect_rollout(self.rollout, self.cfg.rollout.engine.tensor_parallel_size, self.sync_backend)
-        self.learner.send_weights()
-        ray.get([w.set_version.remote(self.version) for w in self.rollout])
+        # The learner's version, not `self.version`: in async the learner has stepped since the last sync.
+        version = int(self.learner.send_weights()["version"])
+        ray.get([w.set_version.remote(version) for w in self.rollout])
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: Path | None = None) -> dict:
