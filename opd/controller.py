@@ -28,6 +28,7 @@ from opd.learner.group import LearnerGroup, mean_metrics
 from opd.monitoring import Monitor
 from opd.partition import chunks
 from opd.rollout.worker import RolloutWorker
+from opd.teachers import judge
 from opd.teachers.combine import route_teacher
 from opd.teachers.feedback import Feedback, Scored, reverse_kl
 from opd.teachers.pool import TeacherPool
@@ -114,6 +115,8 @@ class Controller:
         self.tokenizer = AutoTokenizer.from_pretrained(student)
         check_top_k(cfg.loss.top_k, len(self.tokenizer))
         self.bridged = cross_tokenizer_teachers(self.tokenizer, teachers, cfg.combine.rule)
+        # Resolved here, before any actor starts: a misspelt `module:function` is an error within seconds.
+        self.verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
         limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
         route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
         self.train, too_long = encode(self.tokenizer, train, limit, cfg.data.train, route, cfg.data.on_error)
@@ -175,7 +178,7 @@ class Controller:
             cfg.loss.top_k,
             {t.name: self.groups[f"teacher:{t.name}"] for t in cfg.teachers},
         )
-        self.feedback = Feedback(cfg, self.teachers, self.tokenizer, self.by_index)
+        self.feedback = Feedback(cfg, self.teachers, self.tokenizer, self.by_index, self.verifier)
         buf = cfg.buffer
         self.buffer = ShardedBuffer(buf.num_shards, buf.capacity, buf.max_staleness, buf.order)
         self.learner = LearnerGroup(

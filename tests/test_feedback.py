@@ -14,6 +14,7 @@ from opd.buffer.sample import Sample
 from opd.config import OPDConfig
 from opd.data import Encoded, Prompt
 from opd.teachers.feedback import Feedback, Scored, reverse_kl
+from opd.teachers.judge import exact_answer
 
 
 class FakePool:
@@ -60,7 +61,7 @@ def stage() -> tuple[Feedback, FakePool]:
     cfg.correction.threshold = -4.0
     pool = FakePool()
     by_index = {i: Encoded(Prompt(i, f"p{i}", answer), [1]) for i, answer in enumerate(["4", "9"])}
-    return Feedback(cfg, pool, Tok(), by_index), pool
+    return Feedback(cfg, pool, Tok(), by_index, exact_answer), pool
 
 
 def test_feedback_scores_judges_and_corrects_in_place(stage):

@@ -57,9 +57,17 @@ def reverse_kl(samples: list[Sample]) -> float:
 class Feedback:
     """Calls the teacher pool for a round's samples, per `teachers.combine`, `judge` and `correction`."""
 
-    def __init__(self, cfg: OPDConfig, teachers: TeacherPool, tokenizer, by_index: dict[int, Encoded]) -> None:
+    def __init__(
+        self,
+        cfg: OPDConfig,
+        teachers: TeacherPool,
+        tokenizer,
+        by_index: dict[int, Encoded],
+        verifier: judge.Verifier | None = None,
+    ) -> None:
+        """`verifier`: judge.kind=verifier's function, resolved by the caller before any actor starts."""
         self.cfg, self.teachers, self.tokenizer, self.by_index = cfg, teachers, tokenizer, by_index
-        self.verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
+        self.verifier = verifier
 
     def __call__(self, samples: list[Sample], seed: int) -> Scored:
         """Score (on-policy), judge and correct `samples` in place; `seed` seeds the teachers' corrections."""
