@@ -8,7 +8,7 @@ the returned `Scored` (and, in async, in the checkpoint).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 
 import numpy as np
@@ -40,7 +40,7 @@ class Scored:
 
     def to_state(self) -> dict:
         """Everything but the samples, as JSON (the samples go to a safetensors file beside it)."""
-        return {k: getattr(self, k) for k in ("metrics", "share", "examples", "tokens", "busy_s")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
 
     @classmethod
     def from_state(cls, samples: list[Sample], state: dict) -> Scored:
