@@ -70,11 +70,10 @@ def test_dead_rollout_worker_is_replaced_and_a_hung_teacher_restarted(tiny_asset
     def fault(sid: int) -> None:
         (worker,) = session_pids(sid, "ray::RolloutWorker")
         teacher = session_pids(sid, "ray::TeacherWorker")[0]
+        os.kill(teacher, signal.SIGSTOP)  # hangs: the call times out, the replica is restarted, the call retried
         if mode == "async":
-            os.kill(teacher, signal.SIGSTOP)
             time.sleep(5)
         os.kill(worker, signal.SIGKILL)  # dies: the rollout group is rebuilt
-        os.kill(teacher, signal.SIGSTOP)  # hangs: the call times out, the replica is restarted, the call retried
 
     summary, stdout = run_with_fault(args, out, fault)
     rounds = [r for r in summary["rounds"] if r["round"] >= 1]
