@@ -16,6 +16,7 @@ import numpy as np
 
 from opd.plan import Placed
 from opd.rollout import engine as vllm_engine
+from opd.teachers import hf
 from opd.teachers.align import TokenBridge
 
 
@@ -55,20 +56,7 @@ class TeacherWorker(Placed):
     def _score(self, prompt_ids: list, response_ids: list, top_k: int) -> list[vllm_engine.Scored]:
         if self.backend == "vllm":
             return vllm_engine.score(self.llm, prompt_ids, response_ids, top_k)
-        return [self._score_hf(p, r, top_k) for p, r in zip(prompt_ids, response_ids, strict=True)]
-
-    def _score_hf(self, prompt, response, top_k: int) -> vllm_engine.Scored:
-        import torch
-
-        ids = torch.tensor([[*prompt, *response]], device=self.model.device)
-        with torch.no_grad():
-            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-        logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
-        top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-        own = logprobs.gather(-1, ids[0, len(prompt) :, None])[:, 0]
-        return vllm_engine.Scored(
-            own.cpu().numpy().astype(np.float32), top.indices.cpu().numpy(), top.values.cpu().numpy()
-        )
+        return hf.score(self.model, prompt_ids, response_ids, top_k, self.temperature)
 
     def generate(self, prompt_ids: list, n: int, max_tokens: int, temperature: float, seed: int | None):
         """The teacher's own responses to student-token prompts (offline KD data, teacher accuracy).
@@ -87,7 +75,7 @@ class TeacherWorker(Placed):
         """Responses in the teacher's own tokens."""
         if self.backend == "vllm":
             return vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed)
-        return [self._generate_hf(p, n, max_tokens, temperature, seed) for p in prompt_ids]
+        return hf.sample(self.model, prompt_ids, n, max_tokens, temperature, seed)
 
     def complete(self, texts: list[str], max_tokens: int, temperature: float) -> list[str | None]:
         """Text continuations of plain-text prompts, in the teacher's own tokenizer.
@@ -117,24 +105,3 @@ class TeacherWorker(Placed):
             np.asarray(self.bridge.to_student_text_ids(list(pairs[0][0]))[:budget], dtype=np.int64)
             for pairs, budget in zip(outs, budgets, strict=True)
         ]
-
-    def _generate_hf(self, prompt, n: int, max_tokens: int, temperature: float, seed: int | None):
-        import torch
-
-        if seed is not None:
-            torch.manual_seed(seed)
-        ids = torch.tensor([list(prompt)] * n, device=self.model.device)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        out = self.model.generate(
-            ids, max_new_tokens=max_tokens, output_scores=True, return_dict_in_generate=True, **sampling
-        )
-        eos = self.model.generation_config.eos_token_id
-        pairs = []
-        for i in range(n):
-            tokens = out.sequences[i, len(prompt) :].tolist()
-            lps = [float(torch.log_softmax(s[i].float(), -1)[t]) for s, t in zip(out.scores, tokens, strict=False)]
-            if eos in tokens:
-                cut = tokens.index(eos) + 1
-                tokens, lps = tokens[:cut], lps[:cut]
-            pairs.append((np.asarray(tokens, np.int64), np.asarray(lps, np.float32)))
-        return pairs
