@@ -10,14 +10,15 @@ from opd.teachers import hf
 
 
 def test_batches_keep_each_batch_within_the_logit_budget():
-    lengths = [5, 30, 12, 7, 30, 100]
+    lengths = [5, 30, 12, 7, 30, 100, 64]
     vocab = 10
-    groups = hf.batches(lengths, vocab, budget=4 * vocab * 60)
+    budget = 4 * vocab * 128  # two rows of 64 positions, or one of 128
+    groups = hf.batches(lengths, vocab, budget)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:  # rows x longest row x vocab x 4 bytes; a lone oversized sequence still gets its own batch
-        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) * vocab * 4 <= 4 * vocab * 60
-    assert [lengths[g[0]] for g in groups] == sorted(lengths[g[0]] for g in groups)
-    assert [100] in [[lengths[i] for i in g] for g in groups]
+    for g in groups:  # rows x padded width x vocab x 4 bytes
+        assert len(g) * hf.width(max(lengths[i] for i in g)) * vocab * 4 <= budget
+    assert [[lengths[i] for i in g] for g in groups] == [[5, 7], [12, 30], [30, 64], [100]]
+    assert hf.batches([500], vocab, budget) == [[0]]  # too long for the budget alone: still scored
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
@@ -44,3 +45,30 @@ def test_batched_scoring_matches_one_sequence_at_a_time(tiny_assets, arch):
     one_by_one = hf.score(model, prompts, responses, k, temperature, budget=1)
     for a, b in zip(batched, one_by_one, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_batched_generation_matches_one_prompt_at_a_time(tiny_assets):
+    """Left-padded batches decode what each prompt alone decodes; log-probs are the sampled distribution's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]).eval()
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in (3, 8, 5)]
+    greedy = hf.sample(model, prompts, 2, 6, 0.0, None)
+    eos = model.generation_config.eos_token_id
+    for p, pairs in zip(prompts, greedy, strict=True):
+        alone = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p) :].tolist()
+        alone = alone[: alone.index(eos) + 1] if eos in alone else alone
+        assert [ids.tolist() for ids, _ in pairs] == [alone, alone]
+    sampled = hf.sample(model, prompts, 3, 6, 0.8, seed=5)
+    assert [len(pairs) for pairs in sampled] == [3, 3, 3]
+    for p, pairs in zip(prompts, sampled, strict=True):
+        for ids, lps in pairs:
+            assert 1 <= len(ids) <= 6 and len(lps) == len(ids)
+            full = torch.tensor([[*p, *ids.tolist()]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=full).logits[0, len(p) - 1 : -1] / 0.8, -1)
+            np.testing.assert_allclose(lps, logprobs[torch.arange(len(ids)), torch.from_numpy(ids)], atol=1e-5)
+    assert [[i.tolist() for i, _ in ps] for ps in hf.sample(model, prompts, 3, 6, 0.8, seed=5)] == [
+        [i.tolist() for i, _ in ps] for ps in sampled
+    ]

@@ -12,7 +12,15 @@ import numpy as np
 from opd.rollout.engine import Scored
 
 LOGIT_BYTES = 1 << 30
-"""Largest float32 logits tensor one scoring forward pass may produce; batches are cut to fit it."""
+"""Largest float32 [rows, positions, vocab] tensor a scoring pass may hold; batches are cut to fit it (the
+peak is about twice this: the logits and their log-softmax)."""
+PAD_TO = 64
+"""Batch widths are rounded up to a multiple of this, so a few shapes recur: attention kernels (cuDNN's on
+Hopper) plan each new shape, which costs more than the padding."""
+
+
+def width(length: int) -> int:
+    return -(-length // PAD_TO) * PAD_TO
 
 
 def batches(lengths: list[int], vocab_size: int, budget: int = LOGIT_BYTES) -> list[list[int]]:
@@ -22,7 +30,7 @@ def batches(lengths: list[int], vocab_size: int, budget: int = LOGIT_BYTES) -> l
     """
     out: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if out and (len(out[-1]) + 1) * lengths[i] * vocab_size * 4 <= budget:
+        if out and (len(out[-1]) + 1) * width(lengths[i]) * vocab_size * 4 <= budget:
             out[-1].append(i)
         else:
             out.append([i])
@@ -43,31 +51,35 @@ def score(
     out: list[Scored | None] = [None] * len(seqs)
     vocab = model.config.get_text_config().vocab_size
     for batch in batches([len(s) for s in seqs], vocab, budget):
-        width = max(len(seqs[i]) for i in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.zeros((len(batch), width(max(len(seqs[i]) for i in batch))), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, i in enumerate(batch):
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
             mask[row, : len(seqs[i])] = 1
         with torch.no_grad():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-        for row, i in enumerate(batch):
-            start, end = len(prompts[i]), len(seqs[i])
-            logprobs = torch.log_softmax(logits[row, start - 1 : end - 1].float() / temperature, dim=-1)
-            tokens = ids[row, start:end].to(logprobs.device)
+            # Position j predicts token j+1: one log-softmax, gather and top-k over the whole batch.
+            logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+            del logits
+            own = logprobs.gather(-1, ids[:, 1:, None].to(logprobs.device))[..., 0].cpu().numpy()
             top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-            out[i] = Scored(
-                logprobs.gather(-1, tokens[:, None])[:, 0].cpu().numpy().astype(np.float32),
-                top.indices.cpu().numpy(),
-                top.values.cpu().numpy(),
-            )
+            top_ids, top_values = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        for row, i in enumerate(batch):
+            span = slice(len(prompts[i]) - 1, len(seqs[i]) - 1)
+            out[i] = Scored(own[row, span].astype(np.float32), top_ids[row, span], top_values[row, span])
     return out  # type: ignore[return-value]
+
+
+GENERATE_ROWS = 256
+"""Sequences one `generate` call decodes at most (bounds the KV cache of a call)."""
 
 
 def sample(model, prompts: list, n: int, max_tokens: int, temperature: float, seed: int | None) -> list:
     """`n` continuations per prompt with `model.generate`; per prompt, n (token ids, log-probs) pairs.
 
-    Log-probs are those of the distribution sampled from (temperature applied); responses end after eos.
+    Prompts are left-padded into batches. Log-probs are those of the distribution sampled from (temperature
+    applied; greedy at 0 reads temperature 1), taken by one scoring pass afterwards rather than from
+    `output_scores`, which would hold [rows, steps, vocab] logits at once. Responses end after the first eos.
     """
     import torch
 
@@ -75,19 +87,27 @@ def sample(model, prompts: list, n: int, max_tokens: int, temperature: float, se
         torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     eos = model.generation_config.eos_token_id
-    result = []
-    for prompt in prompts:
-        ids = torch.tensor([[int(t) for t in prompt]] * n, device=model.device)
-        gen = model.generate(
-            ids, max_new_tokens=max_tokens, output_scores=True, return_dict_in_generate=True, **sampling
+    pad = model.generation_config.pad_token_id
+    pad = eos if pad is None else pad
+    rows = [[int(t) for t in p] for p in prompts for _ in range(n)]
+    responses: list[list[int]] = []
+    for at in range(0, len(rows), GENERATE_ROWS):
+        chunk = rows[at : at + GENERATE_ROWS]
+        longest = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), longest), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(chunk):
+            ids[i, longest - len(r) :] = torch.tensor(r)
+            mask[i, longest - len(r) :] = 1
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=max_tokens,
+            pad_token_id=pad,
+            **sampling,
         )
-        pairs = []
-        for i in range(n):
-            tokens = gen.sequences[i, len(prompt) :].tolist()
-            lps = [float(torch.log_softmax(s[i].float(), -1)[t]) for s, t in zip(gen.scores, tokens, strict=False)]
-            if eos in tokens:
-                cut = tokens.index(eos) + 1
-                tokens, lps = tokens[:cut], lps[:cut]
-            pairs.append((np.asarray(tokens, np.int64), np.asarray(lps, np.float32)))
-        result.append(pairs)
-    return result
+        for tokens in out[:, longest:].tolist():
+            responses.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+    scored = score(model, rows, responses, 1, temperature if temperature > 0 else 1.0)
+    pairs = [(np.asarray(r, np.int64), s.logprobs) for r, s in zip(responses, scored, strict=True)]
+    return [pairs[i * n : (i + 1) * n] for i in range(len(prompts))]
