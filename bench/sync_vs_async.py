@@ -6,8 +6,9 @@
 
 The teacher scores with the transformers backend unless overridden. Prints one line per figure: samples/s of
 each mode and their ratio (target: async >= 1.5x sync), the learner's idle fraction (target: async < 10%), the
-final held-out reverse KL of each (target: within 5%) and how busy the machine's CPUs were. Then a table of mean seconds per round: each stage busy, and the controller waiting for generation and
-for teacher feedback. Timings skip the first round (engine warm-up). Any `key=value` argument overrides both runs.
+final held-out reverse KL of each (target: within 5%) and how busy the machine's CPUs were. Then a table of
+mean seconds per round: each stage busy, and the controller waiting for generation and for teacher feedback.
+Timings skip the first round (engine warm-up). Any `key=value` argument overrides both runs.
 """
 
 from __future__ import annotations

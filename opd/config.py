@@ -44,6 +44,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     cpu_kv_cache_gib: int = 1
     """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
+    cpu_threads_bind: str = "nobind"
+    """On CPU, VLLM_CPU_OMP_THREADS_BIND. vLLM's `auto` pins an engine's threads as if it owned the node (one
+    core kept for its scheduler, compute on the rest), so every engine opd starts on a node computes on the same
+    cores; `nobind` leaves placement to the OS. Core lists like `0-3` pin explicitly. Ignored on GPU."""
 
 
 @dataclass
