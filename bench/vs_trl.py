@@ -13,7 +13,8 @@ Prints one line per figure: on-policy samples/s of each and their ratio (target:
 reverse KL(student || teacher) per response token reached after the same number of samples, measured on
 both final students by one evaluator here (target: opd <= TRL). Throughput skips the first step of TRL and
 the first round of opd (warm-up); model loading and opd's start-up (Ray, vLLM engines) are outside it and
-shown on a line of their own. Any `key=value` argument overrides the opd config, and TRL follows it.
+shown on a line of their own. opd's teacher scores with the transformers backend unless overridden
+(`teachers.0.backend=vllm`). Any `key=value` argument overrides the opd config, and TRL follows it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ EVAL_PROMPTS = 64
 EVAL_SAMPLES = 2
 EVAL_SEED = 1234
 OUT = "outputs/bench/vs_trl"
+OPD_STAGES = ("round", "generate", "score", "learn", "sync")
+"""`pipeline/<stage>_s`: an opd round and the seconds each of its stages was busy."""
+BACKEND = "teachers.0.backend=transformers"
+"""The teacher's forward pass, as TRL runs it; vLLM's prompt log-probs are slower at this size (bench/README.md)."""
 
 
 def prompt_order(num_prompts: int, seed: int, count: int) -> list[int]:
@@ -188,6 +193,7 @@ def run_opd(cfg) -> dict:
         "wall_s": wall_s,
         "student_path": summary["final"]["student_path"],
         "own_reverse_kl": summary["final"]["reverse_kl_after"],
+        "stages": {k: sum(r[f"pipeline/{k}_s"] for r in steady) / len(steady) for k in OPD_STAGES},
     }
 
 
@@ -251,6 +257,7 @@ def main(overrides: list[str]) -> None:
             f"data.eval_size={EVAL_PROMPTS}",
             "wandb.mode=disabled",
             f"output_dir={OUT}/opd",
+            BACKEND,
             *overrides,
         ],
     )
@@ -292,6 +299,8 @@ def main(overrides: list[str]) -> None:
     )
     wall = f"TRL {trl['wall_s']:.0f}s, opd {opd['wall_s']:.0f}s"
     print(f"wall time of each whole run (loading, start-up, opd's own evals)  {wall}")
+    stages = ", ".join(f"{k} {v:.3f}" for k, v in opd["stages"].items())
+    print(f"opd mean seconds per round (rounds 2-{cfg.rounds})  {stages}")
     print(f"opd's own end-of-run eval (vLLM, same {EVAL_PROMPTS} prompts)  reverse KL {opd['own_reverse_kl']:.4f}")
 
 
