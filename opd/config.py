@@ -205,7 +205,7 @@ class BufferConfig:
     """Samples held at most; the oldest are evicted first."""
     max_staleness: int = 4
     """Samples generated more than this many policy versions (optimizer steps) ago are never trained on; async
-    trains on samples one round, i.e. learner.mini_batches versions, old."""
+    trains on samples pipeline.depth rounds, i.e. depth x learner.mini_batches versions, old."""
     num_shards: int = 1
     """Buffer actors; samples are placed by a hash of their prompt and drawn from every shard."""
     order: str = "fifo"
@@ -228,9 +228,14 @@ class EvalConfig:
 class PipelineConfig:
     mode: Literal["sync", "async"] = "sync"
     """sync: generate, score, learn and sync in turn. async: while the learner trains on round r, the teachers
-    score round r+1 as soon as it is generated, and round r+2 generates from round r's sync on; samples are one
-    round (learner.mini_batches versions) old when trained on, and truncated importance weights (loss.is_cap)
-    correct for it."""
+    score round r+1 as soon as it is generated, and round r+1+depth generates from round r's sync on; samples are
+    `depth` rounds (depth x learner.mini_batches versions) old when trained on, and truncated importance weights
+    (loss.is_cap) correct for it."""
+    depth: int = 1
+    """async: rounds generated ahead of the one learning, i.e. how many rounds old samples are when trained on.
+    1: a round's generation and its scoring run in turn while the previous round learns. 2: generation, scoring
+    and learning each work on their own round at once (round r+3 generates from round r's sync on), so a round
+    takes about the slowest stage instead of half the sum of all; samples are then two rounds old."""
 
 
 @dataclass
@@ -391,11 +396,14 @@ def check(cfg: OPDConfig) -> None:
     if cfg.pipeline.mode == "async":
         if cfg.mode != "on_policy":
             raise ConfigError("pipeline.mode=async overlaps student generation with learning: it needs mode=on_policy")
-        if cfg.buffer.max_staleness < cfg.learner.mini_batches:
+        if cfg.pipeline.depth < 1:
+            raise ConfigError(f"pipeline.depth={cfg.pipeline.depth}: async generates at least one round ahead")
+        lag = cfg.pipeline.depth * cfg.learner.mini_batches
+        if cfg.buffer.max_staleness < lag:
             raise ConfigError(
-                "pipeline.mode=async trains on samples one round old, which is learner.mini_batches="
-                f"{cfg.learner.mini_batches} policy versions (one per optimizer step): buffer.max_staleness="
-                f"{cfg.buffer.max_staleness} must be at least that"
+                f"pipeline.mode=async with pipeline.depth={cfg.pipeline.depth} trains on samples that many rounds "
+                f"old, {lag} policy versions (learner.mini_batches={cfg.learner.mini_batches}, one per optimizer "
+                f"step): buffer.max_staleness={cfg.buffer.max_staleness} must be at least that"
             )
         if cfg.rollout.colocate:
             raise ConfigError(

@@ -135,8 +135,9 @@ class Controller:
         self.examples: list[dict] = []
         self.ahead: Pending | None = None
         """async: the next round, generated and being scored on `self.background` while this round learns."""
-        self.next: Pending | None = None
-        """async: the round after the next, generating with the weights of this round's sync."""
+        self.generating: list[Pending] = []
+        """async: the `pipeline.depth` rounds after the next, oldest first; the newest generates with the weights
+        of this round's sync, the others are generated and wait for the feedback thread."""
         self.background = ThreadPoolExecutor(1, thread_name_prefix="opd-feedback")
         made = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
         self.train_per_round = cfg.buffer.train_per_round or made
@@ -301,9 +302,9 @@ class Controller:
             scored = self.ahead.feedback.result()
             state["ahead"] = {"generate_s": self.ahead.busy_s, "feedback": scored.to_state()}
             spill.save(scored.samples, tmp / AHEAD)
-        if self.next is not None:
-            state["generated"] = [e.prompt.index for e in self.next.prompts]
-            spill.save(self.collect(self.next)[0], tmp / GENERATED)
+        if self.generating:
+            state["generated"] = [[e.prompt.index for e in p.prompts] for p in self.generating]
+            spill.save([s for p in self.generating for s in self.collect(p)[0]], tmp / GENERATED)
         checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
 
     def restore(self, path: Path) -> int:
@@ -313,7 +314,11 @@ class Controller:
             scored = Scored.from_state(spill.load(path / AHEAD), state["ahead"]["feedback"])
             self.ahead = Pending([], (), [], scored.samples, state["ahead"]["generate_s"], finished(scored))
         if "generated" in state:
-            self.next = Pending([self.by_index[i] for i in state["generated"]], (), [], spill.load(path / GENERATED))
+            samples, n = spill.load(path / GENERATED), self.cfg.rollout.samples_per_prompt
+            for indices in state["generated"]:  # one list of prompt indices per round, samples in that order
+                k = len(indices) * n
+                self.generating.append(Pending([self.by_index[i] for i in indices], (), [], samples[:k]))
+                samples = samples[k:]
         step = self.learner.load_state(str(path / "learner"))
         if step != state["version"]:
             raise RuntimeError(f"{path}: learner step {step} does not match policy version {state['version']}")
@@ -328,13 +333,17 @@ class Controller:
         ray.get([w.set_version.remote(self.version) for w in self.rollout])
         return state["round"]
 
-    def launch_round(self) -> Pending:
-        """The next round's prompts, generating with the weights the rollout workers hold now."""
+    def launch_round(self, ahead: int = 0) -> Pending:
+        """The next round's prompts, generating with the weights the rollout workers hold now.
+
+        Seeded by the policy version; `ahead` > 0 sets apart the extra rounds async launches before the first sync.
+        """
         cfg = self.cfg
         prompts = self.next_prompts(cfg.rollout.prompts_per_round)
         if cfg.combine.rule == "best_of":
             self.feedback.assign_best_teachers(prompts)
-        return self.launch(prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature, seed=self.version)
+        seed = self.version - ahead  # negative only then: versions are >= 0
+        return self.launch(prompts, cfg.rollout.samples_per_prompt, cfg.rollout.temperature, seed=seed)
 
     def teacher_round(self) -> Pending:
         """mode=offline: the teacher writes the round's responses, the student imitates them."""
@@ -348,9 +357,11 @@ class Controller:
     def round(self, r: int) -> dict[str, float]:
         """Round r: samples, the teachers' feedback on them, one learner step per mini-batch, a weight sync.
 
-        sync runs these in turn. async overlaps three rounds: while round r learns, round r+1 (generated
-        during round r-1) is scored on a thread, and round r+2 starts generating once round r's weights are
-        synced, so samples are trained on one round (learner.mini_batches versions) after they were generated.
+        sync runs these in turn. async overlaps rounds: while round r learns, round r+1 is scored on a thread
+        as soon as it is generated, and once round r's weights are synced round r+1+d starts generating
+        (d = pipeline.depth), so samples are trained on d rounds (d x learner.mini_batches versions) after they
+        were generated. With d = 1 round r+1 generates during round r; with d = 2 it was generated during
+        round r-1, so generating, scoring and learning each have a round of their own.
         """
         cfg = self.cfg
         overlapped = cfg.pipeline.mode == "async"
@@ -359,8 +370,10 @@ class Controller:
             if self.ahead is None:  # the first round: nothing was generated or scored before it
                 self.ahead = self.launch_round()
                 self.ahead.feedback = finished(self.feedback(self.collect(self.ahead)[0], cfg.seed + r))
-                self.next = self.launch_round() if r < cfg.rounds else None
-            current, self.ahead, self.next = self.ahead, self.next, None
+                ahead = min(cfg.pipeline.depth, cfg.rounds - r)
+                self.generating = [self.launch_round(ahead=k) for k in range(ahead)]
+            current = self.ahead
+            self.ahead = self.generating.pop(0) if self.generating else None
             if self.ahead is not None:
                 self.ahead.feedback = self.background.submit(self.feedback_when_generated, self.ahead, cfg.seed + r + 1)
         else:
@@ -391,10 +404,12 @@ class Controller:
             self.ahead.generated.wait()
             if self.ahead.samples is None:  # a rollout worker died: replace it now the learner is free, score here
                 self.ahead.feedback = finished(self.feedback(self.collect(self.ahead)[0], cfg.seed + r + 1))
+            for pending in self.generating:  # depth > 1: the rounds after it, generated while this one learned
+                self.collect(pending)
             gen_wait += time.perf_counter() - t0
         sync = self.sync_weights()
-        if overlapped and r + 2 <= cfg.rounds:
-            self.next = self.launch_round()
+        if overlapped and r + 1 + cfg.pipeline.depth <= cfg.rounds:
+            self.generating.append(self.launch_round())
         round_s = time.perf_counter() - t_round
 
         metrics = {f"learner/{k}": v for k, v in mean_metrics(learner).items()}

@@ -205,6 +205,8 @@ def test_unknown_key_fails_fast_in_launch_before_ray():
         (["learner.num_shards=3"], r"256 samples .*learner\.num_shards=3"),
         (["learner.num_shards=3", "learner.mini_batches=1"], r"learner\.mini_batches=1 x learner\.num_shards=3"),
         (["rollout.max_new_tokens=128"], r"rollout\.max_new_tokens=128 .*rollout\.engine\.max_model_len=128"),
+        (["pipeline.mode=async", "pipeline.depth=0"], r"pipeline\.depth=0"),
+        (["pipeline.mode=async", "pipeline.depth=2"], r"depth=2 .*8 policy versions.*buffer\.max_staleness=4"),
     ],
 )
 def test_bad_or_impossible_config_names_the_key(overrides, message):
@@ -216,6 +218,7 @@ def test_possible_neighbours_of_the_impossible_combinations_are_accepted():
     load_config("default", ["learner.num_shards=4"])  # 256 samples = 4 mini-batches x 4 shards x 16
     load_config("default", ["rollout.max_new_tokens=127"])  # one token left for the prompt
     load_config("default", ["loss.top_k=64"])  # vLLM teachers are started with max_logprobs >= loss.top_k
+    load_config("default", ["pipeline.mode=async", "pipeline.depth=2", "buffer.max_staleness=8"])
 
 
 def test_top_k_larger_than_the_vocabulary_is_refused_before_actors_start(tokenizer):

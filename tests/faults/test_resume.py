@@ -116,19 +116,48 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path, e
             assert sum(v for k, v in r.items() if k.startswith("buffer/used_at_lag_")) == 32
             assert r["correction/rate"] > 0 and r["judge/scored_fraction"] == 1
     resumed = launch([*overrides(tiny_assets, out, extra), "resume=auto"])
+    assert_resumed_like_straight(straight, resumed, out, kept=["round_000002", "round_000004"])
 
-    # metrics continue where the checkpoint stopped: every round once, in order, equal to the straight run
-    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3, 4]
+
+# pipeline.depth=2: generation runs two rounds ahead of learning, so a checkpoint holds the next round scored
+# and the two after it generated (one with each of the last two versions), and samples are two versions old.
+ASYNC_DEEP = ("pipeline.mode=async", "pipeline.depth=2", "learner.mini_batches=1", "buffer.max_staleness=2", "rounds=5")
+
+
+def test_async_depth_two_trains_two_rounds_behind_and_resumes_exactly(tiny_assets, tmp_path):
+    straight = launch(overrides(tiny_assets, tmp_path / "straight", ASYNC_DEEP))
+    used = [{k: v for k, v in r.items() if k.startswith("buffer/used_at_lag_")} for r in straight["rounds"][1:]]
+    # round 1 is generated in turn, rounds 2 and 3 before the first sync, the rest two syncs before they learn
+    lags = [0, 1, 2, 2, 2]
+    assert used == [{f"buffer/used_at_lag_{lag}": 64.0} for lag in lags]
+
+    out = tmp_path / "crashed"
+    killed_after_checkpoint(overrides(tiny_assets, out, ASYNC_DEEP), out, round_=2)
+    saved = out / "checkpoints" / "round_000002"
+    ahead, generated = spill.load(saved / "ahead.safetensors"), spill.load(saved / "generated.safetensors")
+    assert [s.version for s in ahead] == [0] * 64 and all(s.teacher_logprobs is not None for s in ahead)
+    assert [s.version for s in generated] == [1] * 64 + [2] * 64  # rounds 4 and 5, unscored
+    assert all(s.teacher_logprobs is None for s in generated)
+    state = json.loads((saved / "controller.json").read_text())
+    assert [len(prompts) for prompts in state["generated"]] == [16, 16]
+
+    resumed = launch([*overrides(tiny_assets, out, ASYNC_DEEP), "resume=auto"])
+    assert_resumed_like_straight(straight, resumed, out, kept=["round_000004", "round_000005"])
+
+
+def assert_resumed_like_straight(straight: dict, resumed: dict, out: Path, kept: list[str]) -> None:
+    """Metrics continue where the checkpoint stopped, every round once and equal to the straight run's, and the
+    final student is the same to float rounding."""
+    import torch
+
+    assert [r["round"] for r in resumed["rounds"]] == [r["round"] for r in straight["rounds"]]
     for a, b in zip(straight["rounds"], resumed["rounds"], strict=True):
         assert comparable(a) == pytest.approx(comparable(b), rel=1e-5, abs=1e-6), (a["round"], a, b)
         assert lists(a) == lists(b)
-    import torch
-
     a, b = weights(straight["final"]["student_path"]), weights(resumed["final"]["student_path"])
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff <= 1e-6, f"resumed student differs from the uninterrupted one by {diff}"
     assert all(torch.isfinite(t).all() for t in b.values())
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["round_000002", "round_000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
     assert json.loads((out / "summary.json").read_text())["final"] == resumed["final"]
