@@ -129,3 +129,21 @@ def test_driver_env_leaves_out_what_a_submitted_job_already_sets(monkeypatch):
     job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "true"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert driver_env_vars(defaults) == {"OTHER": "1"}
+
+
+def test_cpu_engines_get_the_configured_thread_binding(monkeypatch):
+    """vLLM's `auto` binding would pin every engine on a node to the same cores; opd passes its own setting."""
+    import vllm
+
+    from opd.config import EngineConfig
+    from opd.rollout import engine
+
+    made = {}
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: made.update(kw, bind=engine.os.environ["VLLM_CPU_OMP_THREADS_BIND"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # restored afterwards, like the binding
+    for bind in ("nobind", "0-1"):
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+        engine.make_llm("some/model", EngineConfig(cpu_threads_bind=bind), seed=3)
+        assert made["bind"] == bind and made["model"] == "some/model" and made["seed"] == 3
+    assert EngineConfig().cpu_threads_bind == "nobind"
