@@ -370,8 +370,8 @@ class Controller:
             if self.ahead is None:  # the first round: nothing was generated or scored before it
                 self.ahead = self.launch_round()
                 self.ahead.feedback = finished(self.feedback(self.collect(self.ahead)[0], cfg.seed + r))
-                ahead = min(cfg.pipeline.depth, cfg.rounds - r)
-                self.generating = [self.launch_round(ahead=k) for k in range(ahead)]
+                launches = min(cfg.pipeline.depth, cfg.rounds - r)
+                self.generating = [self.launch_round(ahead=k) for k in range(launches)]
             current = self.ahead
             self.ahead = self.generating.pop(0) if self.generating else None
             if self.ahead is not None:

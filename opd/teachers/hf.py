@@ -23,6 +23,20 @@ def width(length: int) -> int:
     return -(-length // PAD_TO) * PAD_TO
 
 
+def padded(rows: list[list[int]], columns: int, fill: int, left: bool = False):
+    """Rows of token ids as one [len(rows), columns] tensor and its attention mask, padded on the right (scoring)
+    or on the left (generation, so every row's next token lands in the same column)."""
+    import torch
+
+    ids = torch.full((len(rows), columns), fill, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        at = slice(columns - len(r), columns) if left else slice(0, len(r))
+        ids[i, at] = torch.tensor(r, dtype=torch.long)
+        mask[i, at] = 1
+    return ids, mask
+
+
 def batches(lengths: list[int], vocab_size: int, budget: int = LOGIT_BYTES) -> list[list[int]]:
     """Indices grouped into padded batches, shortest sequences first, each batch's logits within `budget` bytes.
 
@@ -51,11 +65,7 @@ def score(
     out: list[Scored | None] = [None] * len(seqs)
     vocab = model.config.get_text_config().vocab_size
     for batch in batches([len(s) for s in seqs], vocab, budget):
-        ids = torch.zeros((len(batch), width(max(len(seqs[i]) for i in batch))), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask[row, : len(seqs[i])] = 1
+        ids, mask = padded([seqs[i] for i in batch], width(max(len(seqs[i]) for i in batch)), 0)
         with torch.no_grad():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
             # Position j predicts token j+1: one log-softmax, gather and top-k over the whole batch.
@@ -94,11 +104,7 @@ def sample(model, prompts: list, n: int, max_tokens: int, temperature: float, se
     for at in range(0, len(rows), GENERATE_ROWS):
         chunk = rows[at : at + GENERATE_ROWS]
         longest = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), longest), pad if pad is not None else 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(chunk):
-            ids[i, longest - len(r) :] = torch.tensor(r)
-            mask[i, longest - len(r) :] = 1
+        ids, mask = padded(chunk, longest, pad if pad is not None else 0, left=True)
         out = model.generate(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
