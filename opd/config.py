@@ -48,6 +48,10 @@ class EngineConfig:
     """On CPU, VLLM_CPU_OMP_THREADS_BIND. vLLM's `auto` pins an engine's threads as if it owned the node (one
     core kept for its scheduler, compute on the rest), so every engine opd starts on a node computes on the same
     cores; `nobind` leaves placement to the OS. Core lists like `0-3` pin explicitly. Ignored on GPU."""
+    cpu_in_process: bool = True
+    """On CPU, run vLLM's engine core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Its own
+    process would busy-poll for requests and pass every step's output through a socket, on the cores the
+    engine computes on. Ignored on GPU, where that process overlaps scheduling with the device's work."""
 
 
 @dataclass

@@ -131,19 +131,27 @@ def test_driver_env_leaves_out_what_a_submitted_job_already_sets(monkeypatch):
     assert driver_env_vars(defaults) == {"OTHER": "1"}
 
 
-def test_cpu_engines_get_the_configured_thread_binding(monkeypatch):
-    """vLLM's `auto` binding would pin every engine on a node to the same cores; opd passes its own setting."""
+def test_cpu_engines_get_the_configured_thread_binding_and_process(monkeypatch):
+    """vLLM's `auto` binding would pin every engine on a node to the same cores, and its engine-core process
+    would busy-poll beside the actor; opd passes its own settings."""
     import vllm
 
     from opd.config import EngineConfig
     from opd.rollout import engine
 
     made = {}
-    monkeypatch.setattr(vllm, "LLM", lambda **kw: made.update(kw, bind=engine.os.environ["VLLM_CPU_OMP_THREADS_BIND"]))
+    env = engine.os.environ
+    monkeypatch.setattr(
+        vllm,
+        "LLM",
+        lambda **kw: made.update(kw, bind=env["VLLM_CPU_OMP_THREADS_BIND"], mp=env["VLLM_ENABLE_V1_MULTIPROCESSING"]),
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # restored afterwards, like the binding
-    for bind in ("nobind", "0-1"):
+    for bind, in_process in (("nobind", True), ("0-1", False)):
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
-        engine.make_llm("some/model", EngineConfig(cpu_threads_bind=bind), seed=3)
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")
+        engine.make_llm("some/model", EngineConfig(cpu_threads_bind=bind, cpu_in_process=in_process), seed=3)
         assert made["bind"] == bind and made["model"] == "some/model" and made["seed"] == 3
-    assert EngineConfig().cpu_threads_bind == "nobind"
+        assert made["mp"] == ("0" if in_process else "1")
+    assert EngineConfig().cpu_threads_bind == "nobind" and EngineConfig().cpu_in_process

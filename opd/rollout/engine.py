@@ -46,6 +46,7 @@ def make_llm(model: str, engine, seed: int, **extra):
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine.cpu_in_process else "1"
     return LLM(
         model=model,
         dtype=engine.dtype,
