@@ -1,7 +1,8 @@
 """vLLM engine construction and the two things opd asks of one: sample, and score.
 
 Shared by rollout workers (the student) and vLLM-backed teachers, so both see the
-same engine settings and the same log-prob conventions.
+same engine settings and the same log-prob conventions. Both ask for token ids only (`detokenize=False`):
+decoding every sampled and top-k token to text was 15% of a tiny model's generation time.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def sample(llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: 
     """
     from vllm import SamplingParams
 
-    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, logprobs=0, seed=seed)
+    params = SamplingParams(
+        n=n, max_tokens=max_tokens, temperature=temperature, logprobs=0, seed=seed, detokenize=False
+    )
     outputs = llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params, use_tqdm=False)
     result = []
     for out in outputs:
@@ -88,7 +91,7 @@ def score(llm, prompts: list[list[int]], responses: list[list[int]], top_k: int)
     """
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=1.0, detokenize=False)
     seqs = [{"prompt_token_ids": [int(t) for t in (*p, *r)]} for p, r in zip(prompts, responses, strict=True)]
     outputs = llm.generate(seqs, params, use_tqdm=False)
     scored = []
