@@ -53,6 +53,9 @@ class Pending:
     """Resolves to the `Scored` samples; async computes it on a thread while the learner trains."""
     generated: threading.Event = field(default_factory=threading.Event)
     """async: set by the feedback thread once it has the samples (or found a rollout worker dead)."""
+    group: int = 0
+    """The rollout group launched on (`Controller.rollout_restarts` then): a failure of a group already replaced
+    needs a re-launch, not another replacement."""
 
 
 def finished(value) -> Future:
@@ -484,11 +487,15 @@ class Controller:
             refs.append(
                 w.generate.remote([e.ids for e in part], meta, n, self.cfg.rollout.max_new_tokens, temperature, s)
             )
-        return Pending(prompts, (n, temperature, seed), refs)
+        return Pending(prompts, (n, temperature, seed), refs, group=self.rollout_restarts)
 
     def collect(self, pending: Pending, restart: bool = True) -> tuple[list[Sample], float]:
         """The samples of a launch and the longest worker's busy seconds. A dead worker is replaced and the
-        request re-issued (same seeds, so the same samples), unless `restart` is off: then the error is raised."""
+        request re-issued (same seeds, so the same samples), unless `restart` is off: then the error is raised.
+
+        In async with `pipeline.depth` > 1 several launches were in flight on the group that lost the worker;
+        the first to fail replaces the group, the others are only re-issued on the new one.
+        """
         failures = 0
         while pending.samples is None:
             try:
@@ -496,11 +503,15 @@ class Controller:
                 pending.busy_s = max((busy for _, busy in parts), default=0.0)
                 pending.samples = [s for part, _ in parts for s in part]
             except ray.exceptions.RayActorError:
-                failures += 1
-                if not restart or failures > self.cfg.faults.max_restarts:
+                if not restart:
                     raise
-                self.restart_rollout()
-                pending.refs = self.launch(pending.prompts, *pending.args).refs
+                if pending.group == self.rollout_restarts:
+                    failures += 1
+                    if failures > self.cfg.faults.max_restarts:
+                        raise
+                    self.restart_rollout()
+                again = self.launch(pending.prompts, *pending.args)
+                pending.refs, pending.group = again.refs, again.group
         return pending.samples, pending.busy_s
 
     def evaluate(self) -> dict[str, float]:
