@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from opd.rollout.weight_sync import GlooUpdateInfo, broadcast, buffer_sizes, open_group, pack, unpack
+from opd.rollout.weight_sync import RELOAD_LOGGER, GlooUpdateInfo, broadcast, buffer_sizes, open_group, pack, unpack
 
 
 def test_pack_unpack_round_trips_mixed_dtypes_in_order():
@@ -46,3 +46,21 @@ def test_broadcast_reaches_another_process():
     proc.join(timeout=60)
     for got, want in zip(received, tensors, strict=True):
         assert torch.equal(torch.tensor(got), want)
+
+
+def test_reload_warnings_for_layers_no_checkpoint_holds_are_dropped_and_others_kept():
+    """vLLM warns on every weight update about the rotary cache and a tied LM head; a real miss still shows."""
+    import logging
+
+    logger = logging.getLogger(RELOAD_LOGGER)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        for layer in ("RotaryEmbedding", "Llama3RotaryEmbedding", "ParallelLMHead", "QKVParallelLinear"):
+            logger.warning("%s: Failed to load weights", layer)
+        logger.warning("%s: Delayed processing", "RotaryEmbedding")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["QKVParallelLinear: Failed to load weights", "RotaryEmbedding: Delayed processing"]

@@ -14,6 +14,7 @@ large messages instead of one per tensor.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -240,9 +241,29 @@ def register() -> None:
 register()
 
 
+class QuietReload(logging.Filter):
+    """Drops vLLM's per-update "<layer>: Failed to load weights" for the layers that never get any.
+
+    The learner sends every parameter its model has, so a layer left without weights is one no checkpoint holds:
+    the rotary cos/sin cache (computed) or a tied LM head (its weight is the embedding's, re-packed in
+    `finish_weight_update` on CPU). vLLM warns about them on every update, i.e. every round; whether the rollout
+    engines really hold the learner's weights is checked each round by `learner/sampler_learner_logprob_gap`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        layer = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+        benign = isinstance(layer, str) and (layer.endswith("RotaryEmbedding") or layer == "ParallelLMHead")
+        return not (record.msg == "%s: Failed to load weights" and benign)
+
+
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+logging.getLogger(RELOAD_LOGGER).addFilter(QuietReload())
+
+
 class WorkerExtension:
     """Named as vLLM's `worker_extension_cls` so that vLLM imports this module inside its
-    worker process (the one that owns the model), which registers the gloo engine there."""
+    worker process (the one that owns the model), which registers the gloo engine and the
+    `QuietReload` filter there."""
 
 
 class RolloutGroupClient:
