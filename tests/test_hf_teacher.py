@@ -19,8 +19,8 @@ def test_batches_keep_each_batch_within_the_logit_budget():
         assert len(g) * hf.width(max(lengths[i] for i in g)) * vocab * 4 <= budget
     assert [[lengths[i] for i in g] for g in groups] == [[5, 7], [12, 30], [30, 64], [100]]
     assert hf.batches([500], vocab, budget) == [[0]]  # too long for the budget alone: still scored
-    # CPU pads to multiples of 8 (hf.PAD_TO), so more rows fit the same budget.
-    fine = hf.batches(lengths, vocab, budget, multiple=hf.PAD_TO["cpu"])
+    # CPU pads to multiples of 8 (hf.CPU_PAD_TO), so more rows fit the same budget.
+    fine = hf.batches(lengths, vocab, budget, multiple=hf.CPU_PAD_TO)
     assert [[lengths[i] for i in g] for g in fine] == [[5, 7, 12, 30], [30, 64], [100]]
 
 

@@ -14,14 +14,14 @@ from opd.rollout.engine import Scored
 LOGIT_BYTES = 1 << 30
 """Largest float32 [rows, positions, vocab] tensor a scoring pass may hold; batches are cut to fit it (the
 peak is about twice this: the logits and their log-softmax)."""
-PAD_TO = {"cpu": 8}
-"""Batch widths are rounded up to a multiple of this, per device type (64 elsewhere). On GPUs attention kernels
-(cuDNN's on Hopper) plan each new shape, which costs more than the padding, so 64 keeps a few shapes recurring;
-on CPU nothing is planned and padding is compute (the built-in teacher scored a round 2.2x slower at 64 than
-at 8)."""
+PAD_TO = 64
+"""On GPUs batch widths are rounded up to a multiple of this, so a few shapes recur: attention kernels (cuDNN's
+on Hopper) plan each new shape, which costs more than the padding."""
+CPU_PAD_TO = 8
+"""On CPU nothing is planned and padding is compute: the built-in teacher scored a round 2.2x slower at 64."""
 
 
-def width(length: int, multiple: int = 64) -> int:
+def width(length: int, multiple: int = PAD_TO) -> int:
     return -(-length // multiple) * multiple
 
 
@@ -39,7 +39,7 @@ def padded(rows: list[list[int]], columns: int, fill: int, left: bool = False):
     return ids, mask
 
 
-def batches(lengths: list[int], vocab_size: int, budget: int = LOGIT_BYTES, multiple: int = 64) -> list[list[int]]:
+def batches(lengths: list[int], vocab_size: int, budget: int = LOGIT_BYTES, multiple: int = PAD_TO) -> list[list[int]]:
     """Indices grouped into batches padded to a `multiple`, shortest sequences first, each batch's logits within
     `budget` bytes.
 
@@ -67,7 +67,7 @@ def score(
     seqs = [[*map(int, p), *map(int, r)] for p, r in zip(prompts, responses, strict=True)]
     out: list[Scored | None] = [None] * len(seqs)
     vocab = model.config.get_text_config().vocab_size
-    multiple = PAD_TO.get(model.device.type, 64)
+    multiple = CPU_PAD_TO if model.device.type == "cpu" else PAD_TO
     for batch in batches([len(s) for s in seqs], vocab, budget, multiple):
         ids, mask = padded([seqs[i] for i in batch], width(max(len(seqs[i]) for i in batch), multiple), 0)
         with torch.no_grad():
