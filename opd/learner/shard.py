@@ -38,7 +38,7 @@ def logprob_gap(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperatur
     from opd.losses import masked_mean, token_logprobs
 
     with torch.no_grad():
-        own = token_logprobs(logits.float(), batch["input_ids"][:, 1:], temperature)
+        own = token_logprobs(logits, batch["input_ids"][:, 1:], temperature)
         return float(masked_mean((own - batch["old_logprobs"]).abs(), batch["mask"]))
 
 
@@ -141,9 +141,12 @@ class LearnerShard(Placed):
                 k: v.to(self.engine.device)
                 for k, v in collate(chunk, self.tokenizer.pad_token_id, self.loss_cfg.top_k).items()
             }
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            loss, metrics = loss_fn(logits.float(), batch, self.loss_cfg, self.temperature)
-            loss, metrics = objective.with_corrections(loss, metrics, logits.float(), batch, self.sft_weight)
+            # One float32 copy of the logits for the objective and the checks: under bf16 each `.float()` would be
+            # another [batch, positions, vocab] tensor held until the backward pass.
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits[:, :-1].float()
+            loss, metrics = loss_fn(logits, batch, self.loss_cfg, self.temperature)
+            loss, metrics = objective.with_corrections(loss, metrics, logits, batch, self.sft_weight)
             metrics["sampler_learner_logprob_gap"] = logprob_gap(logits, batch, self.temperature)
             if not guard.finite_everywhere(loss.detach()):  # every rank gets the same verdict
                 loss, skipped = guard.safe_loss(loss, logits, finite=False), True
