@@ -23,6 +23,7 @@ __all__ = [
     "policy_gradient_loss",
     "reverse_kl_advantage",
     "sft_on_teacher",
+    "tempered",
     "token_logprobs",
     "topk_kl",
     "topk_student_logprobs",
@@ -57,13 +58,20 @@ def _kl_from_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(support, term, torch.zeros_like(term)).sum(dim=-1)
 
 
+def tempered(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature`` in float32. At temperature 1 float32 logits come back as they are: the division
+    would be one more ``[B, T, V]`` tensor (and, under autograd, kept until backward) for nothing."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def token_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of ``ids`` ``[B, T]`` under ``log_softmax(logits / temperature)`` (``logits`` ``[B, T, V]``).
 
     Returns float32 ``[B, T]``. Computed as ``gather - logsumexp`` so the full ``[B, T, V]`` log-softmax is never kept;
     the temperature must match the one the sampler used, or the importance ratios are biased.
     """
-    scaled = logits.float() / temperature
+    scaled = tempered(logits, temperature)
     picked = scaled.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scaled, dim=-1)
 

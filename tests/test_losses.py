@@ -15,6 +15,7 @@ from opd.losses import (
     policy_gradient_loss,
     reverse_kl_advantage,
     sft_on_teacher,
+    tempered,
     token_logprobs,
     topk_kl,
 )
@@ -54,6 +55,14 @@ def test_token_logprobs_temperature() -> None:
     # At temperature 1 the same logits give p^2 / sum p^2.
     z = sum(x * x for x in P)
     assert_close(token_logprobs(logits, torch.tensor([[1]])), torch.tensor([[math.log(0.09 / z)]]))
+
+
+def test_tempered_divides_in_float32_and_copies_nothing_at_temperature_one() -> None:
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
+    assert tempered(logits, 1.0) is logits  # no [B, T, V] copy
+    assert_close(tempered(logits, 2.0), logits / 2.0)
+    half = tempered(logits.bfloat16(), 1.0)
+    assert half.dtype == torch.float32 and torch.equal(half, logits.bfloat16().float())
 
 
 def test_token_logprobs_bf16_upcast() -> None:

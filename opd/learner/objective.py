@@ -60,7 +60,9 @@ def _off_policy_mask(logits, batch, cfg, temperature) -> tuple[torch.Tensor, dic
 def jsd(logits, batch, cfg, temperature):
     """Generalized JSD (GKD) between student and teacher over the teacher's top-k ids plus the rest of the mass."""
     mask, metrics = _off_policy_mask(logits, batch, cfg, temperature)
-    student = losses.topk_student_logprobs(logits / temperature, batch["topk_ids"], batch["topk_logprobs"])
+    student = losses.topk_student_logprobs(
+        losses.tempered(logits, temperature), batch["topk_ids"], batch["topk_logprobs"]
+    )
     teacher = losses.with_rest(batch["topk_logprobs"])
     loss = losses.generalized_jsd(losses.with_rest(student), teacher, cfg.beta, 1.0, mask)
     return loss, {"jsd": float(loss.detach()), **metrics}
@@ -70,7 +72,7 @@ def jsd(logits, batch, cfg, temperature):
 def topk_kl(logits, batch, cfg, temperature):
     """Forward KL on the teacher's top-k with the remaining mass in one bucket."""
     mask, metrics = _off_policy_mask(logits, batch, cfg, temperature)
-    loss = losses.topk_kl(logits / temperature, batch["topk_ids"], batch["topk_logprobs"], mask)
+    loss = losses.topk_kl(losses.tempered(logits, temperature), batch["topk_ids"], batch["topk_logprobs"], mask)
     return loss, {"topk_kl": float(loss.detach()), **metrics}
 
 
