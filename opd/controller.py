@@ -416,8 +416,10 @@ class Controller:
         round_s = time.perf_counter() - t_round
 
         metrics = {f"learner/{k}": v for k, v in mean_metrics(learner).items()}
-        # The sync check: only the first mini-batch meets a learner that has not moved since the weights went out.
-        metrics["learner/sampler_learner_logprob_gap"] = learner[0]["sampler_learner_logprob_gap"]
+        # The sync check (objectives on the student's own samples report it): only the first mini-batch meets a
+        # learner that has not moved since the weights went out.
+        if "sampler_learner_logprob_gap" in learner[0]:
+            metrics["learner/sampler_learner_logprob_gap"] = learner[0]["sampler_learner_logprob_gap"]
         metrics |= {f"buffer/{k}": v for k, v in buffer_stats.items()}
         teacher_bytes = sum(s.teacher_nbytes for s in samples)
         tokens = scored.tokens

@@ -1,5 +1,7 @@
 """Unit tests of the plain functions behind the actors (no Ray, no vLLM engines)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -70,6 +72,20 @@ def test_reverse_kl_objective_reports_the_sampled_reverse_kl():
     batch = collate([sample([1], [2, 3])], pad_id=0, top_k=2)
     _, metrics = objective.OBJECTIVES.get("reverse_kl")(torch.zeros(1, 2, 4), batch, LossConfig(), 1.0)
     assert metrics["reverse_kl"] == pytest.approx(-1.0 - -0.5)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "topk_kl", "sft"])
+def test_objectives_on_the_students_samples_report_the_sync_check(name):
+    """|learner - sampler| log-prob of the sampled tokens: uniform logits over 4 ids against the sampler's -1.
+    SFT trains on tokens someone else wrote, so it has no sync to check."""
+    from opd.config import LossConfig
+
+    batch = collate([sample([1], [2, 3])], pad_id=0, top_k=2)
+    _, metrics = objective.OBJECTIVES.get(name)(torch.zeros(1, 2, 4), batch, LossConfig(top_k=2), 1.0)
+    if name == "sft":
+        assert "sampler_learner_logprob_gap" not in metrics
+    else:
+        assert metrics["sampler_learner_logprob_gap"] == pytest.approx(math.log(4) - 1.0)
 
 
 def test_redact_hides_credentials_at_any_depth():

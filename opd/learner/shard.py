@@ -29,19 +29,6 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
-def logprob_gap(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float) -> float:
-    """Mean |learner log-prob - sampler log-prob| over response tokens, before this step's update.
-
-    On policy this is ~1e-7 when the rollout engines hold exactly the learner's weights, so
-    every round checks the weight sync; a jump means stale or corrupted weights.
-    """
-    from opd.losses import masked_mean, token_logprobs
-
-    with torch.no_grad():
-        own = token_logprobs(logits, batch["input_ids"][:, 1:], temperature)
-        return float(masked_mean((own - batch["old_logprobs"]).abs(), batch["mask"]))
-
-
 class ZeroWeightSource(WeightSource):
     """The student's weights as vLLM's transfer engines want them, one decoder layer at a time.
 
@@ -141,13 +128,12 @@ class LearnerShard(Placed):
                 k: v.to(self.engine.device)
                 for k, v in collate(chunk, self.tokenizer.pad_token_id, self.loss_cfg.top_k).items()
             }
-            # One float32 copy of the logits for the objective and the checks: under bf16 each `.float()` would be
+            # One float32 copy of the logits for the objective and the corrections: under bf16 each `.float()` would be
             # another [batch, positions, vocab] tensor held until the backward pass.
             out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = out.logits[:, :-1].float()
             loss, metrics = loss_fn(logits, batch, self.loss_cfg, self.temperature)
             loss, metrics = objective.with_corrections(loss, metrics, logits, batch, self.sft_weight)
-            metrics["sampler_learner_logprob_gap"] = logprob_gap(logits, batch, self.temperature)
             if not guard.finite_everywhere(loss.detach()):  # every rank gets the same verdict
                 loss, skipped = guard.safe_loss(loss, logits, finite=False), True
             # Objectives average over their micro-batch's tokens; reweight so the step is a
