@@ -1,10 +1,13 @@
 """The replay buffer without Ray: a shard's order, capacity and staleness, sharding maths, the on-disk format."""
 
+import pickle
+
 import numpy as np
 import pytest
 
 from opd.buffer import spill
 from opd.buffer.replay import ReplayBuffer, disagreement
+from opd.buffer.sample import Samples, from_columns
 from opd.buffer.sharded import merge_stats, quotas, shard_of
 from tests.test_pieces import sample
 
@@ -64,23 +67,41 @@ def test_merged_stats_add_counts_and_average_staleness_over_taken_samples():
     assert merged == {"mean_staleness": 0.75, "buffer_size": 3.0, "used_at_lag_0": 1.0, "used_at_lag_1": 3.0}
 
 
-def test_spilled_samples_load_back_field_by_field(tmp_path):
-    full = sample([1, 2], [3, 4, 5], version=7, k=3)
-    full.prompt_index, full.answer, full.teacher = 12, "42", "big"
-    full.correction_start, full.judge_score, full.weight, full.advantage_bonus = 1, 0.25, 0.5, -0.1
-    bare = sample([9], [], version=2, teacher=False)  # no teacher signal, empty response
-    bare.response_ids = np.array([], dtype=np.int64)
-    spill.save([full, bare], tmp_path / "s.safetensors")
-    back = spill.load(tmp_path / "s.safetensors")
-    assert not (tmp_path / "s.safetensors.tmp").exists()
-    for got, want in zip(back, [full, bare], strict=True):
+def _assert_same_samples(got_samples, want_samples) -> None:
+    for got, want in zip(got_samples, want_samples, strict=True):
         for name, value in vars(want).items():
             if isinstance(value, np.ndarray):
                 np.testing.assert_array_equal(getattr(got, name), value)
                 assert getattr(got, name).dtype == value.dtype, name
             else:
                 assert getattr(got, name) == value, name
+
+
+def _full_and_bare():
+    full = sample([1, 2], [3, 4, 5], version=7, k=3)
+    full.prompt_index, full.answer, full.teacher = 12, "42", "big"
+    full.correction_start, full.judge_score, full.weight, full.advantage_bonus = 1, 0.25, 0.5, -0.1
+    bare = sample([9], [], version=2, teacher=False)  # no teacher signal, empty response
+    bare.response_ids = np.array([], dtype=np.int64)
+    return [full, bare]
+
+
+def test_spilled_samples_load_back_field_by_field(tmp_path):
+    spill.save(_full_and_bare(), tmp_path / "s.safetensors")
+    back = spill.load(tmp_path / "s.safetensors")
+    assert not (tmp_path / "s.safetensors.tmp").exists()
+    _assert_same_samples(back, _full_and_bare())
     assert spill.load(_empty(tmp_path)) == []
+
+
+def test_samples_cross_processes_as_columns_and_come_back_field_by_field():
+    # What Ray does to a `Samples` sent to or returned from an actor: pickle it, by `__reduce__`, as columns.
+    reduced = Samples(_full_and_bare()).__reduce__()
+    assert reduced[0] is from_columns and len(reduced[1][0]) < 30  # a few arrays, not six per sample
+    back = pickle.loads(pickle.dumps(Samples(_full_and_bare()), protocol=5))
+    assert type(back) is Samples  # forwarded again (buffer -> learner) as columns too
+    _assert_same_samples(back, _full_and_bare())
+    assert pickle.loads(pickle.dumps(Samples())) == []
 
 
 def _empty(tmp_path):

@@ -171,3 +171,28 @@ def test_cpu_engines_get_the_configured_thread_binding_and_process(monkeypatch):
         assert made["bind"] == bind and made["model"] == "some/model" and made["seed"] == 3
         assert made["mp"] == ("0" if in_process else "1")
     assert EngineConfig().cpu_threads_bind == "nobind" and EngineConfig().cpu_in_process
+
+
+def test_teacher_signal_crosses_processes_as_three_flat_arrays():
+    import pickle
+
+    from opd.rollout.engine import Scored, ScoredBatch
+
+    rng = np.random.default_rng(0)
+    batch = ScoredBatch(
+        Scored(
+            rng.random(r).astype(np.float32),
+            rng.integers(0, 9, (r, 3), np.int32),
+            rng.random((r, 3)).astype(np.float16),
+        )
+        for r in (4, 0, 2)  # an empty response among them
+    )
+    _, (lengths, *flat) = batch.__reduce__()
+    assert lengths.tolist() == [4, 0, 2] and [f.shape for f in flat] == [(6,), (6, 3), (6, 3)]
+    back = pickle.loads(pickle.dumps(batch, protocol=5))
+    assert type(back) is ScoredBatch and len(back) == 3
+    for got, want in zip(back, batch, strict=True):
+        for name in ("logprobs", "topk_ids", "topk_logprobs"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+            assert getattr(got, name).dtype == getattr(want, name).dtype
+    assert pickle.loads(pickle.dumps(ScoredBatch())) == []

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from opd.buffer import spill
-from opd.buffer.sample import Sample
+from opd.buffer.sample import Sample, Samples
 from opd.config import BUFFER_ORDERS
 
 
@@ -56,7 +56,7 @@ class ReplayBuffer:
             chosen = set(ranked[:n])
         else:
             chosen = set(range(min(n, len(fresh))))
-        out = [s for i, s in enumerate(fresh) if i in chosen]
+        out = Samples(s for i, s in enumerate(fresh) if i in chosen)
         self.items = deque(s for i, s in enumerate(fresh) if i not in chosen)
         lags = [version - s.version for s in out]
         stats = {

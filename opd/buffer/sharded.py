@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 
 from opd.buffer.replay import ReplayBuffer
-from opd.buffer.sample import Sample
+from opd.buffer.sample import Sample, Samples
 
 
 def shard_of(prompt_index: int, num_shards: int) -> int:
@@ -55,7 +55,7 @@ class ShardedBuffer:
         parts: list[list[Sample]] = [[] for _ in self.shards]
         for s in samples:
             parts[shard_of(s.prompt_index, len(self.shards))].append(s)
-        ray.get([shard.add.remote(p) for shard, p in zip(self.shards, parts, strict=True) if p])
+        ray.get([shard.add.remote(Samples(p)) for shard, p in zip(self.shards, parts, strict=True) if p])
 
     def take(self, n: int, version: int) -> tuple[list[Sample], dict[str, float]]:
         """Up to n samples for a learner at `version`, drawn from the shards in proportion to their fill."""

@@ -39,6 +39,24 @@ class Scored:
         )
 
 
+def _unbatch(lengths: np.ndarray, *flat: np.ndarray) -> ScoredBatch:
+    ends = np.cumsum(lengths)
+    parts = [np.split(f, ends[:-1]) for f in flat]
+    return ScoredBatch(Scored(*fields) for fields in zip(*parts, strict=True))
+
+
+class ScoredBatch(list):
+    """Teacher signal for many sequences, crossing Ray as three flat arrays and their lengths instead of three
+    small arrays per sequence (as `opd.buffer.sample.Samples` does for samples)."""
+
+    def __reduce__(self):
+        if not self:
+            return ScoredBatch, ()
+        lengths = np.asarray([len(s.logprobs) for s in self], np.int64)
+        fields = ("logprobs", "topk_ids", "topk_logprobs")
+        return _unbatch, (lengths, *(np.concatenate([getattr(s, f) for s in self]) for f in fields))
+
+
 def make_llm(model: str, engine, seed: int, **extra):
     """Build a vLLM `LLM` from an `EngineConfig`; CPU settings are applied only without CUDA."""
     import torch

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from opd.buffer.sample import Sample
+from opd.buffer.sample import Sample, Samples
 from opd.plan import Placed
 from opd.rollout import engine as vllm_engine
 
@@ -52,7 +52,7 @@ class RolloutWorker(Placed):
         for p, m, pairs in zip(prompt_ids, meta, outs, strict=True):
             for ids, lps in pairs:
                 samples.append(Sample(np.asarray(p, np.int64), ids, lps, self.version, **m))
-        return samples, time.perf_counter() - t0
+        return Samples(samples), time.perf_counter() - t0
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], top_k: int):
         """The student's own per-token log-probs (used to check weight sync end to end)."""

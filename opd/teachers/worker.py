@@ -45,13 +45,15 @@ class TeacherWorker(Placed):
     def ready(self) -> str:
         return self.backend
 
-    def score(self, prompt_ids: list, response_ids: list, top_k: int) -> list[vllm_engine.Scored]:
+    def score(self, prompt_ids: list, response_ids: list, top_k: int) -> vllm_engine.ScoredBatch:
         """Per student response token: the teacher's log-prob of the student's token and its own top-k."""
         if self.bridge.same_vocab:
-            return [s.compact() for s in self._score(prompt_ids, response_ids, top_k)]
+            return vllm_engine.ScoredBatch(s.compact() for s in self._score(prompt_ids, response_ids, top_k))
         bridged = [self.bridge.to_teacher(p, r) for p, r in zip(prompt_ids, response_ids, strict=True)]
         scored = self._score([b.prompt_ids for b in bridged], [b.response_ids for b in bridged], top_k)
-        return [self.bridge.project(b, s, top_k).compact() for b, s in zip(bridged, scored, strict=True)]
+        return vllm_engine.ScoredBatch(
+            self.bridge.project(b, s, top_k).compact() for b, s in zip(bridged, scored, strict=True)
+        )
 
     def _score(self, prompt_ids: list, response_ids: list, top_k: int) -> list[vllm_engine.Scored]:
         if self.backend == "vllm":
