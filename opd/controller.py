@@ -398,7 +398,7 @@ class Controller:
         if cfg.rollout.colocate:  # hand the shared GPUs to the learner
             ray.get([w.sleep.remote() for w in self.rollout])
         t0 = time.perf_counter()
-        learner = [self.learner.train_step(mb) for mb in chunks(batch, cfg.learner.mini_batches)]
+        learner = self.learner.train(chunks(batch, cfg.learner.mini_batches))
         learn_s = time.perf_counter() - t0
         if cfg.rollout.colocate:
             ray.get([w.wake_up.remote() for w in self.rollout])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 
 from opd import plan
-from opd.buffer.sample import Sample
+from opd.buffer.sample import Sample, Samples
 from opd.learner.shard import LearnerShard
 from opd.partition import chunks
 
@@ -60,10 +60,20 @@ class LearnerGroup:
         address, port = ray.get(self.shards[0].rendezvous.remote())
         ray.get([s.setup.remote(address, port, samples_per_step // n) for s in self.shards])
 
-    def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        """One optimizer step over `samples`, split evenly across shards."""
-        parts = chunks(samples, len(self.shards))
-        return mean_metrics(_get([s.train_step.remote(p) for s, p in zip(self.shards, parts, strict=True)]))
+    def train(self, mini_batches: list[list[Sample]]) -> list[dict[str, float]]:
+        """One optimizer step per mini-batch, each split evenly across shards; the metrics of each step.
+
+        Every step is queued at once (an actor runs its calls in order), so a shard starts the next step as soon
+        as it finishes one instead of waiting for the driver to see the result and send the next slice.
+        """
+        n = len(self.shards)
+        refs = [
+            s.train_step.remote(Samples(p))
+            for mb in mini_batches
+            for s, p in zip(self.shards, chunks(mb, n), strict=True)
+        ]
+        results = _get(refs)
+        return [mean_metrics(results[i * n : (i + 1) * n]) for i in range(len(mini_batches))]
 
     def connect_rollout(self, rollout_handles: list, ranks_per_engine: int, backend: str) -> None:
         """Form the weight-transfer group: learner rank 0 plus every rank of every rollout engine."""
