@@ -221,7 +221,6 @@ class Controller:
             self.restart_rollout()
         sync = self.learner.send_weights()
         self.version = int(sync["version"])
-        ray.get([w.set_version.remote(self.version) for w in self.rollout])
         return sync
 
     def restart_rollout(self) -> None:
@@ -234,9 +233,9 @@ class Controller:
         self.rollout = self.spawn_rollout()
         ray.get([w.ready.remote() for w in self.rollout])
         self.learner.connect_rollout(self.rollout, self.cfg.rollout.engine.tensor_parallel_size, self.sync_backend)
-        # The learner's version, not `self.version`: in async the learner has stepped since the last sync.
-        version = int(self.learner.send_weights()["version"])
-        ray.get([w.set_version.remote(version) for w in self.rollout])
+        # The workers take up the learner's version, not `self.version`: in async the learner has stepped since the
+        # last sync.
+        self.learner.send_weights()
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: Path | None = None) -> dict:
@@ -333,7 +332,6 @@ class Controller:
             for index, teacher in state["assigned"][name].items():
                 encoded[int(index)].teacher = teacher
         self.learner.send_weights()
-        ray.get([w.set_version.remote(self.version) for w in self.rollout])
         return state["round"]
 
     def launch_round(self, ahead: int = 0) -> Pending:

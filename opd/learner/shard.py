@@ -171,12 +171,14 @@ class LearnerShard(Placed):
             else:
                 InitInfo = weight_sync.GlooTrainerInitInfo
             info = InitInfo(address, port, world_size, rank=self.rank)
+        self.client = client
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=client, source=ZeroWeightSource(self.engine.module)
         )
 
     def send_weights(self) -> dict[str, float]:
         t0 = time.perf_counter()
+        self.client.version = self.step  # the workers take it up with the weights
         self.transfer.send_weights()
         seconds = time.perf_counter() - t0
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in self.transfer.source.metadata())

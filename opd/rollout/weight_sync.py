@@ -276,6 +276,9 @@ class RolloutGroupClient:
     def __init__(self, handles: list, ranks_per_engine: int) -> None:
         self.handles = handles
         self.ranks_per_engine = ranks_per_engine
+        self.version: int | None = None
+        """The learner step of the weights being sent (set by the learner before each send): it lands on every
+        worker with the weights, in `finish_weight_update`, so samples are never tagged with a stale version."""
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         import ray
@@ -301,4 +304,6 @@ class RolloutGroupClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         import ray
 
+        if weight_version is None and self.version is not None:
+            weight_version = str(self.version)
         ray.get([h.finish_weight_update.remote(weight_version) for h in self.handles])

@@ -71,6 +71,8 @@ class RolloutWorker(Placed):
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.llm.finish_weight_update(weight_version)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if weight_version is not None:
+            self.version = int(weight_version)
 
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights offloaded, KV cache dropped) while a colocated learner steps."""
@@ -78,6 +80,3 @@ class RolloutWorker(Placed):
 
     def wake_up(self) -> None:
         self.llm.wake_up()
-
-    def set_version(self, version: int) -> None:
-        self.version = version
