@@ -76,6 +76,8 @@ class LearnerShard(Placed):
         self.nonfinite = guard.SkipCounter(max_nonfinite_steps)
         self.step = 0
         self.transfer = None
+        self.client = None
+        """The rollout group's weight-sync client (`init_weight_transfer`); carries the version of each send."""
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0 names the address every rank meets at."""
