@@ -1,5 +1,8 @@
 """TRL's GKDTrainer (fully on-policy) and opd on the same distillation job, one after the other, side by side.
 
+TRL's newer DistillationTrainer (always on-policy) runs the same job too, generating with transformers: its vLLM
+mode (`use_vllm=True`) needs vLLM <= 0.31 and fails to load weights into vLLM 0.32's CPU engine.
+
     python bench/vs_trl.py                                   # the built-in addition demo: 6 rounds of 16 x 4 samples
     python bench/vs_trl.py cache_dir=/work/main/outputs/cache rounds=10
 
@@ -93,11 +96,13 @@ class Collator:
         return {k: torch.tensor(v) for k, v in out.items()}
 
 
-def run_trl(cfg, student: str, teacher: str, train: list) -> dict:
-    """GKDTrainer on opd's prompts in opd's order; samples/s from its step clock, skipping step 1."""
+def run_trl(cfg, student: str, teacher: str, train: list, trainer_name: str = "gkd") -> dict:
+    """TRL's GKDTrainer (`gkd`) or DistillationTrainer (`distillation`, Hugging Face generation) on opd's prompts in
+    opd's order; samples/s from its step clock, skipping step 1."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     t_start = time.perf_counter()
@@ -120,12 +125,20 @@ def run_trl(cfg, student: str, teacher: str, train: list) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
-    args = GKDConfig(
-        output_dir=f"{OUT}/trl",
-        lmbda=1.0,
+    if trainer_name == "gkd":
+        config, trainer_cls = GKDConfig, GKDTrainer
+        specific = {"lmbda": 1.0, "max_new_tokens": cfg.rollout.max_new_tokens}
+        extra = {"data_collator": Collator(tokenizer)}
+    else:  # always on-policy; top_k=0 samples from the whole distribution, as opd and GKDTrainer do
+        config, trainer_cls = DistillationConfig, DistillationTrainer
+        specific = {"max_completion_length": cfg.rollout.max_new_tokens, "top_k": 0, "shuffle_dataset": False}
+        extra = {}
+        rows = [{"prompt": r["prompt"]} for r in rows]
+    args = config(
+        output_dir=f"{OUT}/trl-{trainer_name}",
         beta=1.0,
         temperature=cfg.rollout.temperature,
-        max_new_tokens=cfg.rollout.max_new_tokens,
+        **specific,
         learning_rate=cfg.learner.lr,
         lr_scheduler_type="constant",  # opd's AdamW has no schedule
         warmup_steps=0,
@@ -147,14 +160,14 @@ def run_trl(cfg, student: str, teacher: str, train: list) -> dict:
         dataloader_pin_memory=False,
     )
     clock = StepClock()
-    trainer = GKDTrainer(
+    trainer = trainer_cls(
         model=model,
         teacher_model=teacher_model,
         args=args,
-        data_collator=Collator(tokenizer),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[clock],
+        **extra,
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -269,6 +282,7 @@ def main(overrides: list[str]) -> None:
     evals = [p.text for p in load_prompts(resolve(cfg.data.eval, cfg.cache_dir))[0][:EVAL_PROMPTS]]
 
     trl = run_trl(cfg, student, teacher, train)
+    distillation = run_trl(cfg, student, teacher, train, "distillation")
     opd = run_opd(cfg)
     if trl["samples"] != opd["samples"]:
         raise RuntimeError(f"TRL trained on {trl['samples']} samples, opd on {opd['samples']}")
@@ -282,11 +296,13 @@ def main(overrides: list[str]) -> None:
     new_tokens = cfg.rollout.max_new_tokens
     kl_start = reverse_kl(load(student), teacher_model, tokenizer, evals, new_tokens)
     kl_trl = reverse_kl(trl["model"], teacher_model, tokenizer, evals, new_tokens)
+    kl_distillation = reverse_kl(distillation["model"], teacher_model, tokenizer, evals, new_tokens)
     kl_opd = reverse_kl(load(opd["student_path"]), teacher_model, tokenizer, evals, new_tokens)
 
     ratio = opd["samples_per_s"] / trl["samples_per_s"]
     n = opd["samples"]
     print(f"TRL GKDTrainer  samples/s  {trl['samples_per_s']:.1f}")
+    print(f"TRL DistillationTrainer (transformers generation)  samples/s  {distillation['samples_per_s']:.1f}")
     print(f"opd             samples/s  {opd['samples_per_s']:.1f}")
     print(f"opd/TRL throughput  {ratio:.1f}x  (target >= 3x)")
     print(
@@ -294,6 +310,7 @@ def main(overrides: list[str]) -> None:
         f"  (target: opd <= TRL)"
     )
     print(f"reverse KL of the starting student  {kl_start[0]:.4f} ± {kl_start[1]:.4f}")
+    print(f"reverse KL after {n} samples, DistillationTrainer  {kl_distillation[0]:.4f} ± {kl_distillation[1]:.4f}")
     print(
         f"samples/s with the first step/round  TRL {trl['all_samples_per_s']:.1f}, opd {opd['all_samples_per_s']:.1f}"
     )
