@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from opd import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,6 +22,28 @@ def launch(overrides: list[str], timeout: int = 1500) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def start(overrides: list[str], **popen) -> subprocess.Popen:
+    """launch.py in its own session (the driver's pid is the session id), niced below the test that watches it:
+    the watcher must get a core the moment it wakes, or a tiny run (~0.3 s a round) goes by before it acts."""
+    env = dict(os.environ, WANDB_MODE="offline")
+    cmd = ["nice", "-n", "10", sys.executable, "launch.py", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **popen)
+
+
+def stopped_after(proc: subprocess.Popen, out: Path, round_: int, rounds: int, timeout: float = 900) -> None:
+    """Wait until `round_` is checkpointed, then stop (SIGSTOP) the run's driver so it issues no further call
+    until the caller continues it (SIGCONT) or kills the run. Fails if the run had already saved its last round."""
+    marker = out / "checkpoints" / f"round_{round_:06d}" / checkpoint.STATE
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before round {round_} was saved"
+        assert time.time() < deadline, f"round {round_} was not saved within {timeout:.0f}s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGSTOP)
+    done = checkpoint.latest(out)
+    assert done is not None and checkpoint.load(done)["round"] < rounds, f"stopped too late, at {done}"
 
 
 def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:

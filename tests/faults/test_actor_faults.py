@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.faults.test_resume import overrides
-from tests.stack import ROOT
+from tests.stack import start, stopped_after
 
 pytestmark = pytest.mark.integration
 
@@ -25,25 +24,17 @@ def session_pids(sid: int, title: str) -> list[int]:
     return [int(pid) for pid, s, args in rows if int(s) == sid and args.startswith(title)]
 
 
-def run_with_fault(args: list[str], out: Path, fault) -> tuple[dict, str]:
-    """Start launch.py, call `fault(session_id)` once round 2 is checkpointed, and return the run's summary."""
-    env = dict(os.environ, WANDB_MODE="offline")
-    proc = subprocess.Popen(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def run_with_fault(args: list[str], out: Path, rounds: int, fault) -> tuple[dict, str]:
+    """Start launch.py, stop its driver once round 2 is checkpointed, call `fault(session_id)`, continue the
+    driver and return the run's summary. Stopped, the driver issues no call until the fault is in place; a fault
+    may continue it itself (SIGCONT) to let the run reach a given state first."""
+    proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        marker = out / "checkpoints" / "round_000002" / "controller.json"
-        deadline = time.time() + 900
-        while not marker.exists():
-            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before round 2"
-            time.sleep(0.2)
-        fault(proc.pid)
+        stopped_after(proc, out, 2, rounds)
+        try:
+            fault(proc.pid)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -72,10 +63,11 @@ def test_dead_rollout_worker_is_replaced_and_a_hung_teacher_restarted(tiny_asset
         teacher = session_pids(sid, "ray::TeacherWorker")[0]
         os.kill(teacher, signal.SIGSTOP)  # hangs: the call times out, the replica is restarted, the call retried
         if mode == "async":
+            os.kill(sid, signal.SIGCONT)  # let the feedback thread meet the hung teacher
             time.sleep(5)
         os.kill(worker, signal.SIGKILL)  # dies: the rollout group is rebuilt
 
-    summary, stdout = run_with_fault(args, out, fault)
+    summary, stdout = run_with_fault(args, out, 6, fault)
     rounds = [r for r in summary["rounds"] if r["round"] >= 1]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     assert rounds[-1]["faults/rollout_restarts"] >= 1, stdout[-4000:]
@@ -94,7 +86,7 @@ def test_dead_learner_shard_restarts_the_run_from_its_checkpoint(tiny_assets, tm
     def fault(sid: int) -> None:
         os.kill(session_pids(sid, "ray::LearnerShard")[-1], signal.SIGKILL)
 
-    summary, stdout = run_with_fault(args, out, fault)
+    summary, stdout = run_with_fault(args, out, 4, fault)
     assert "a learner shard died" in stdout and "restarting every actor from" in stdout
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4]
     assert summary["final"]["policy_version"] == 4 * 4  # 4 rounds of 4 optimizer steps

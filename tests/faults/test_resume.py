@@ -10,14 +10,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from opd.buffer import spill
-from tests.stack import ROOT, launch, tiny_overrides
+from tests.stack import launch, start, stopped_after, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -56,29 +54,15 @@ def overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -
     ]
 
 
-def killed_after_checkpoint(args: list[str], out: Path, round_: int, timeout: float = 900) -> None:
+def killed_after_checkpoint(args: list[str], out: Path, round_: int, rounds: int = 4) -> None:
     """Run launch.py and SIGKILL its whole process group (driver, Ray, actors, engines) once `round_` is saved."""
-    env = dict(os.environ, WANDB_MODE="offline")
-    log = open(out.parent / f"{out.name}-killed.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "launch.py", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    marker = out / "checkpoints" / f"round_{round_:06d}" / "controller.json"
-    deadline = time.time() + timeout
-    try:
-        while not marker.exists():
-            assert proc.poll() is None, f"run ended before round {round_} was saved; see {log.name}"
-            assert time.time() < deadline, "no checkpoint in time"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    with open(out.parent / f"{out.name}-killed.log", "w") as log:
+        proc = start(args, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            stopped_after(proc, out, round_, rounds)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def weights(path: str) -> dict:
@@ -132,7 +116,7 @@ def test_async_depth_two_trains_two_rounds_behind_and_resumes_exactly(tiny_asset
     assert used == [{f"buffer/used_at_lag_{lag}": 64.0} for lag in lags]
 
     out = tmp_path / "crashed"
-    killed_after_checkpoint(overrides(tiny_assets, out, ASYNC_DEEP), out, round_=2)
+    killed_after_checkpoint(overrides(tiny_assets, out, ASYNC_DEEP), out, round_=2, rounds=5)
     saved = out / "checkpoints" / "round_000002"
     ahead, generated = spill.load(saved / "ahead.safetensors"), spill.load(saved / "generated.safetensors")
     assert [s.version for s in ahead] == [0] * 64 and all(s.teacher_logprobs is not None for s in ahead)
