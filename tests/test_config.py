@@ -1,11 +1,13 @@
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from opd.config import CONF_DIR, ConfigError, load_config
+from opd.config import CONF_DIR, ConfigError, OPDConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,3 +110,41 @@ def test_a_conf_file_can_build_on_another(tmp_path):
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(str(loop))
+
+
+DOCUMENTED = [ROOT / p for p in ("README.md", "bench/README.md", "cluster/README.md", "cluster/rayjob.yaml")]
+
+
+def documented_keys(text: str, sections: set[str]) -> set[str]:
+    """Dotted config keys a text names: `a.b` in backticks or `a.b=` anywhere, under a schema's top-level key."""
+    quoted = re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)+)[`=]", text)
+    assigned = re.findall(r"(?<![\w./-])([a-z_]+(?:\.[a-z0-9_]+)+)=", text)
+    return {k for k in quoted + assigned if k.split(".")[0] in sections}
+
+
+def in_schema(node, key: str) -> bool:
+    """Whether a dotted key (list items by index, e.g. teachers.0.model) names a field of the schema."""
+    for part in key.split("."):
+        if part.isdigit() and OmegaConf.is_list(node) and len(node):
+            node = node[0]  # every item has the same schema
+        elif OmegaConf.is_dict(node) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_key_the_docs_name_exists(path):
+    schema = OmegaConf.structured(OPDConfig)
+    keys = documented_keys(path.read_text(), set(schema.keys()))
+    missing = sorted(k for k in keys if not in_schema(schema, k))
+    assert keys, f"{path.name} names no config key: the pattern no longer matches how it writes them"
+    assert not missing, f"{path.name} names config keys the schema lacks: {missing}"
+
+
+def test_the_docs_key_check_catches_a_missing_key():
+    schema = OmegaConf.structured(OPDConfig)
+    keys = documented_keys("set `buffer.max_staleness`, `learner.lrr=1` and teachers.0.model=x", set(schema.keys()))
+    assert keys == {"buffer.max_staleness", "learner.lrr", "teachers.0.model"}
+    assert [k for k in sorted(keys) if not in_schema(schema, k)] == ["learner.lrr"]
