@@ -2,6 +2,7 @@
 
     python launch.py [--config-name NAME_OR_PATH] [key=value ...]
     python launch.py --multirun loss.beta=0,0.5,1 learner.lr=1e-5,3e-5    # a grid of runs
+    python launch.py --dry-run [...]    # check and print the config and resource plan, start nothing
 
 Reads conf/default.yaml unless told otherwise. The config is parsed and checked
 before anything heavy is imported, so a typo fails in well under a second.
@@ -17,7 +18,7 @@ import sys
 import time
 
 
-def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", default="default", help="a file under conf/ (without .yaml) or a path")
     parser.add_argument(
@@ -25,9 +26,13 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
         action="store_true",
         help="comma-separated values form a grid: loss.beta=0,0.5,1 learner.lr=1e-5,3e-5",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, print it with the resources it needs (each grid point's with --multirun), and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=3e-5 teachers.0.model=org/m")
-    args = parser.parse_args(argv)
-    return args.config_name, args.overrides, args.multirun
+    return parser.parse_args(argv)
 
 
 def local_cpus(cfg) -> int:
@@ -51,13 +56,16 @@ def resolve(name: str, cache_dir: str) -> str:
 def main(argv: list[str]) -> dict:
     from opd.config import ConfigError, load_config
 
-    config_name, overrides, multirun = parse_args(argv)
-    if multirun:
-        return sweep(config_name, overrides)
+    args = parse_args(argv)
+    if args.multirun:
+        return sweep(args.config_name, args.overrides, args.dry_run)
     try:
-        cfg = load_config(config_name, overrides)
+        cfg = load_config(args.config_name, args.overrides)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    if args.dry_run:
+        show(cfg)
+        return {}
     summary = run(cfg)
     report(summary["final"])
     print(json.dumps(summary), flush=True)
@@ -175,7 +183,15 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
         ray.shutdown()  # also flushes actor logs, so nothing prints after the summary
 
 
-def sweep(config_name: str, overrides: list[str]) -> dict:
+def show(cfg) -> None:
+    """What `--dry-run` prints: the config as the run would see it and the resources it would ask Ray for."""
+    from opd.config import to_yaml
+    from opd.plan import describe
+
+    print(to_yaml(cfg) + describe(cfg), flush=True)
+
+
+def sweep(config_name: str, overrides: list[str], dry_run: bool = False) -> dict:
     """Run every point of the override grid in turn; all configs are checked before the first run."""
     from opd import sweep as grid
     from opd.config import ConfigError, load_config
@@ -194,6 +210,11 @@ def sweep(config_name: str, overrides: list[str]) -> dict:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print(f"{name}: {len(configs)} runs over {', '.join(keys) or 'one point'} -> {root}", flush=True)
+    if dry_run:
+        for i, (label, cfg) in enumerate(configs, start=1):
+            print(f"\n[{i}/{len(configs)}] {label}", flush=True)
+            show(cfg)
+        return {}
     rows = []
     for i, (label, cfg) in enumerate(configs, start=1):
         print(f"[{i}/{len(configs)}] {label}", flush=True)

@@ -78,6 +78,35 @@ def test_launch_rejects_a_bad_key_fast_before_ray():
     assert elapsed < 5, f"took {elapsed:.1f}s"
 
 
+def dry_run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "--dry-run", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_dry_run_prints_the_config_and_plan_and_starts_nothing(tmp_path):
+    out = dry_run("learner.lr=3e-5", "rollout.num_workers=3", f"output_dir={tmp_path / 'run'}")
+    config, plan = out.split("plan (")
+    assert OmegaConf.create(config).learner.lr == pytest.approx(3e-5)
+    assert "3 x rollout worker" in plan
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_of_a_sweep_prints_every_point(tmp_path):
+    out = dry_run("--multirun", "loss.beta=0,1", "learner.lr=1e-5,3e-5", f"output_dir={tmp_path}")
+    points = out.split("\n[")[1:]
+    assert [p.split("]")[1].split("\n")[0].strip() for p in points] == [
+        "loss.beta=0,learner.lr=1e-5",
+        "loss.beta=0,learner.lr=3e-5",
+        "loss.beta=1,learner.lr=1e-5",
+        "loss.beta=1,learner.lr=3e-5",
+    ]
+    assert [OmegaConf.create(p.split("\n", 1)[1].split("plan (")[0]).loss.beta for p in points] == [0, 0, 1, 1]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_combine_rules_match_the_registry():
     from opd.config import COMBINE_RULES
     from opd.teachers.combine import RULES, SELECTING
