@@ -210,16 +210,16 @@ def sweep(config_name: str, overrides: list[str], dry_run: bool = False) -> dict
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print(f"{name}: {len(configs)} runs over {', '.join(keys) or 'one point'} -> {root}", flush=True)
-    if dry_run:
-        for i, (label, cfg) in enumerate(configs, start=1):
-            print(f"\n[{i}/{len(configs)}] {label}", flush=True)
-            show(cfg)
-        return {}
     rows = []
     for i, (label, cfg) in enumerate(configs, start=1):
         print(f"[{i}/{len(configs)}] {label}", flush=True)
+        if dry_run:
+            show(cfg)
+            continue
         final = run(cfg)["final"]
         rows.append({"run": label, "output_dir": cfg.output_dir, **final})
+    if dry_run:
+        return {}
     columns = ["run", "student_accuracy_after", "reverse_kl_before", "reverse_kl_after", "teacher_tokens"]
     text = grid.table(rows, columns)
     with open(os.path.join(root, "sweep.md"), "w") as f:

@@ -32,9 +32,12 @@ def start(overrides: list[str], **popen) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **popen)
 
 
-def stopped_after(proc: subprocess.Popen, out: Path, round_: int, rounds: int, timeout: float = 900) -> None:
+def stopped_after(proc: subprocess.Popen, out: Path, round_: int, timeout: float = 900) -> None:
     """Wait until `round_` is checkpointed, then stop (SIGSTOP) the run's driver so it issues no further call
-    until the caller continues it (SIGCONT) or kills the run. Fails if the run had already saved its last round."""
+    until the caller continues it (SIGCONT) or kills the run. Fails if the run had already saved its last round
+    (`rounds` of the config.yaml it wrote at start)."""
+    from omegaconf import OmegaConf
+
     marker = out / "checkpoints" / f"round_{round_:06d}" / checkpoint.STATE
     deadline = time.time() + timeout
     while not marker.exists():
@@ -42,7 +45,7 @@ def stopped_after(proc: subprocess.Popen, out: Path, round_: int, rounds: int, t
         assert time.time() < deadline, f"round {round_} was not saved within {timeout:.0f}s"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGSTOP)
-    done = checkpoint.latest(out)
+    done, rounds = checkpoint.latest(out), OmegaConf.load(out / "config.yaml").rounds
     assert done is not None and checkpoint.load(done)["round"] < rounds, f"stopped too late, at {done}"
 
 

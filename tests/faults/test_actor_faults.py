@@ -24,13 +24,13 @@ def session_pids(sid: int, title: str) -> list[int]:
     return [int(pid) for pid, s, args in rows if int(s) == sid and args.startswith(title)]
 
 
-def run_with_fault(args: list[str], out: Path, rounds: int, fault) -> tuple[dict, str]:
+def run_with_fault(args: list[str], out: Path, fault) -> tuple[dict, str]:
     """Start launch.py, stop its driver once round 2 is checkpointed, call `fault(session_id)`, continue the
     driver and return the run's summary. Stopped, the driver issues no call until the fault is in place; a fault
     may continue it itself (SIGCONT) to let the run reach a given state first."""
     proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stopped_after(proc, out, 2, rounds)
+        stopped_after(proc, out, 2)
         try:
             fault(proc.pid)
         finally:
@@ -67,7 +67,7 @@ def test_dead_rollout_worker_is_replaced_and_a_hung_teacher_restarted(tiny_asset
             time.sleep(5)
         os.kill(worker, signal.SIGKILL)  # dies: the rollout group is rebuilt
 
-    summary, stdout = run_with_fault(args, out, 6, fault)
+    summary, stdout = run_with_fault(args, out, fault)
     rounds = [r for r in summary["rounds"] if r["round"] >= 1]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     assert rounds[-1]["faults/rollout_restarts"] >= 1, stdout[-4000:]
@@ -86,7 +86,7 @@ def test_dead_learner_shard_restarts_the_run_from_its_checkpoint(tiny_assets, tm
     def fault(sid: int) -> None:
         os.kill(session_pids(sid, "ray::LearnerShard")[-1], signal.SIGKILL)
 
-    summary, stdout = run_with_fault(args, out, 4, fault)
+    summary, stdout = run_with_fault(args, out, fault)
     assert "a learner shard died" in stdout and "restarting every actor from" in stdout
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4]
     assert summary["final"]["policy_version"] == 4 * 4  # 4 rounds of 4 optimizer steps

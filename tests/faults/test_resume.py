@@ -54,12 +54,12 @@ def overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -
     ]
 
 
-def killed_after_checkpoint(args: list[str], out: Path, round_: int, rounds: int = 4) -> None:
+def killed_after_checkpoint(args: list[str], out: Path, round_: int) -> None:
     """Run launch.py and SIGKILL its whole process group (driver, Ray, actors, engines) once `round_` is saved."""
     with open(out.parent / f"{out.name}-killed.log", "w") as log:
         proc = start(args, stdout=log, stderr=subprocess.STDOUT)
         try:
-            stopped_after(proc, out, round_, rounds)
+            stopped_after(proc, out, round_)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -116,7 +116,7 @@ def test_async_depth_two_trains_two_rounds_behind_and_resumes_exactly(tiny_asset
     assert used == [{f"buffer/used_at_lag_{lag}": 64.0} for lag in lags]
 
     out = tmp_path / "crashed"
-    killed_after_checkpoint(overrides(tiny_assets, out, ASYNC_DEEP), out, round_=2, rounds=5)
+    killed_after_checkpoint(overrides(tiny_assets, out, ASYNC_DEEP), out, round_=2)
     saved = out / "checkpoints" / "round_000002"
     ahead, generated = spill.load(saved / "ahead.safetensors"), spill.load(saved / "generated.safetensors")
     assert [s.version for s in ahead] == [0] * 64 and all(s.teacher_logprobs is not None for s in ahead)
