@@ -144,8 +144,9 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
     import ray
 
     from opd import checkpoint
+    from opd.compat import IncompatibleModels
     from opd.config import to_dict
-    from opd.controller import Controller, IncompatibleModels
+    from opd.controller import Controller
     from opd.data import DataError
     from opd.learner.guard import NonFiniteStep
     from opd.monitoring import Monitor

@@ -222,7 +222,7 @@ def test_possible_neighbours_of_the_impossible_combinations_are_accepted():
 
 
 def test_top_k_larger_than_the_vocabulary_is_refused_before_actors_start(tokenizer):
-    from opd.controller import IncompatibleModels, check_top_k
+    from opd.compat import IncompatibleModels, check_top_k
 
     check_top_k(len(tokenizer), len(tokenizer))
     with pytest.raises(IncompatibleModels, match=rf"loss\.top_k={len(tokenizer) + 1} .*{len(tokenizer)} tokens"):
