@@ -146,11 +146,11 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
     from opd import checkpoint
     from opd.compat import IncompatibleModels
     from opd.config import to_dict
-    from opd.controller import Controller
     from opd.data import DataError
     from opd.learner.guard import NonFiniteStep
     from opd.monitoring import Monitor
     from opd.plan import PlanError
+    from opd.startup import start
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # under `ray job submit`, the job's --working-dir already carries the code to every node
@@ -172,9 +172,7 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
         run_id=state.get("wandb_id"),
     )
     try:
-        controller = Controller(cfg, student, teachers, train, evals, monitor)
-        controller.setup()
-        return controller.run(resume)
+        return start(cfg, student, teachers, train, evals, monitor).run(resume)
     except (DataError, IncompatibleModels, PlanError) as err:
         sys.exit(f"error: {err}")
     except NonFiniteStep as err:  # raised on a learner shard; Ray keeps the original as `cause`

@@ -108,3 +108,13 @@ class Samples(list):
 
     def __reduce__(self):
         return from_columns, to_columns(self)
+
+
+def teacher_written(prompts: list, outs: list, version: int) -> list[Sample]:
+    """Responses the teacher wrote (`outs[i]`: n (token ids, log-probs) pairs for `prompts[i]`, an `Encoded`)
+    as samples: mode=offline trains on them, evaluation grades them."""
+    return [
+        Sample(np.asarray(e.ids), ids, lps, version, e.prompt.index, e.prompt.answer)
+        for e, pairs in zip(prompts, outs, strict=True)
+        for ids, lps in pairs
+    ]

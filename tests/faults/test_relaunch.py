@@ -12,30 +12,30 @@ from types import SimpleNamespace
 import pytest
 import ray
 
-from opd import controller as ctl
-from opd.controller import Controller, Pending
+from opd.rollout import group as rollout_group
+from opd.rollout.group import Launch, RolloutGroup
 
 DEAD = "a ref on a worker that died"
 
 
 class Fake:
-    """The parts of a Controller that `collect` drives: the group counter, `restart_rollout` and `launch`."""
+    """The parts of a RolloutGroup that `collect` drives: the group counter, `replace` and `launch`."""
 
-    collect = Controller.collect
+    collect = RolloutGroup.collect
 
     def __init__(self, max_restarts: int = 3, deaths_per_launch: int = 0) -> None:
         self.cfg = SimpleNamespace(faults=SimpleNamespace(max_restarts=max_restarts))
-        self.rollout_restarts = 0
+        self.restarts = 0
         self.launches: list[tuple] = []
         self.deaths_per_launch = deaths_per_launch  # re-issued launches that die again (a worker that keeps dying)
 
-    def restart_rollout(self) -> None:
-        self.rollout_restarts += 1
+    def replace(self) -> None:
+        self.restarts += 1
 
-    def launch(self, prompts, n, temperature, seed) -> Pending:
-        self.launches.append((seed, self.rollout_restarts))
+    def launch(self, prompts, n, temperature, seed) -> Launch:
+        self.launches.append((seed, self.restarts))
         dies = len(self.launches) <= self.deaths_per_launch
-        return Pending(prompts, (n, temperature, seed), [DEAD if dies else seed], group=self.rollout_restarts)
+        return Launch(prompts, (n, temperature, seed), [DEAD if dies else seed], group=self.restarts)
 
 
 @pytest.fixture(autouse=True)
@@ -45,35 +45,35 @@ def fake_get(monkeypatch):
             raise ray.exceptions.RayActorError()
         return [([f"sample of seed {r}"], 0.5) for r in refs]
 
-    monkeypatch.setattr(ctl.ray, "get", get)
+    monkeypatch.setattr(rollout_group.ray, "get", get)
 
 
-def in_flight(seed: int) -> Pending:
-    return Pending([], (4, 1.0, seed), [DEAD], group=0)
+def in_flight(seed: int) -> Launch:
+    return Launch([], (4, 1.0, seed), [DEAD], group=0)
 
 
 def test_rounds_in_flight_on_a_replaced_group_are_reissued_without_a_second_replacement():
     c = Fake()
     first, second = in_flight(7), in_flight(8)
-    assert c.collect(first) == (["sample of seed 7"], 0.5)
-    assert c.collect(second) == (["sample of seed 8"], 0.5)
-    assert c.rollout_restarts == 1  # one death, one replacement
+    assert c.collect(first) == ["sample of seed 7"] and first.busy_s == 0.5
+    assert c.collect(second) == ["sample of seed 8"]
+    assert c.restarts == 1  # one death, one replacement
     assert c.launches == [(7, 1), (8, 1)]  # both re-issued on the new group, same seeds
     assert (first.group, second.group) == (1, 1)
 
 
 def test_a_worker_of_the_new_group_dying_too_replaces_it_again_up_to_max_restarts():
     c = Fake(max_restarts=2, deaths_per_launch=1)  # the first re-issue dies as well
-    assert c.collect(in_flight(7)) == (["sample of seed 7"], 0.5)
-    assert c.rollout_restarts == 2 and c.launches == [(7, 1), (7, 2)]
+    assert c.collect(in_flight(7)) == ["sample of seed 7"]
+    assert c.restarts == 2 and c.launches == [(7, 1), (7, 2)]
     c = Fake(max_restarts=2, deaths_per_launch=5)
     with pytest.raises(ray.exceptions.RayActorError):
         c.collect(in_flight(7))
-    assert c.rollout_restarts == 2
+    assert c.restarts == 2
 
 
 def test_the_feedback_thread_hands_a_dead_worker_back_without_replacing_anything():
     c = Fake()
     with pytest.raises(ray.exceptions.RayActorError):
         c.collect(in_flight(7), restart=False)
-    assert c.rollout_restarts == 0 and c.launches == []
+    assert c.restarts == 0 and c.launches == []

@@ -1,0 +1,115 @@
+"""Start a run: the checks that need the models, the placement plan, then every actor group, in order.
+
+Everything that can refuse the run (top-k larger than the vocabulary, tokenizers that cannot be mixed, a
+misspelt verifier, prompts with no room for a response) is checked here before any actor starts; then the
+groups come up (engines take a minute to load) and are handed to the `Controller`, which only runs rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import ray
+
+from opd import plan
+from opd.buffer.sharded import ShardedBuffer
+from opd.compat import check_top_k, cross_tokenizer_teachers
+from opd.config import OPDConfig
+from opd.controller import Controller
+from opd.data import Prompt, encode
+from opd.evaluation import Evaluator
+from opd.learner.group import LearnerGroup
+from opd.monitoring import Monitor
+from opd.rollout.group import RolloutGroup
+from opd.teachers import judge
+from opd.teachers.combine import route_teacher
+from opd.teachers.feedback import Feedback
+from opd.teachers.pool import TeacherPool
+
+
+def weight_backend(cfg: OPDConfig) -> str:
+    """`rollout.weight_sync`, with `auto` resolved: ipc when colocated, nccl between GPUs, else gloo."""
+    backend = cfg.rollout.weight_sync
+    if backend != "auto":
+        return backend
+    return "ipc" if cfg.rollout.colocate else "nccl" if cfg.rollout.gpus_per_worker > 0 else "gloo"
+
+
+def _route(combine, prompt: Prompt) -> str:
+    return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default)
+
+
+def start(
+    cfg: OPDConfig,
+    student: str,
+    teachers: dict[str, str],
+    train: list[Prompt],
+    evals: list[Prompt],
+    monitor: Monitor,
+) -> Controller:
+    """Check, then start every actor of the run (Ray is already up); returns the controller that runs it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    check_top_k(cfg.loss.top_k, len(tokenizer))
+    bridged = cross_tokenizer_teachers(tokenizer, teachers, cfg.combine.rule)
+    # Resolved here, before any actor starts: a misspelt `module:function` is an error within seconds.
+    verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
+    limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
+    route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
+    train_set, too_long = encode(tokenizer, train, limit, cfg.data.train, route, cfg.data.on_error)
+    eval_set, too_long_eval = encode(
+        tokenizer, evals[: cfg.data.eval_size], limit, cfg.data.eval, route, cfg.data.on_error
+    )
+    if too_long or too_long_eval:
+        print(f"skipped {too_long} train and {too_long_eval} eval prompts too long for the context", flush=True)
+
+    t0 = time.perf_counter()
+    plan.check_fit(cfg, ray.cluster_resources())
+    print(plan.describe(cfg), flush=True)
+    groups = plan.reserve(cfg)
+    print(
+        f"starting {cfg.rollout.num_workers} rollout workers (vLLM), "
+        f"{sum(t.replicas for t in cfg.teachers)} teacher replicas, {cfg.learner.num_shards} learner shards "
+        f"(DeepSpeed ZeRO-{cfg.learner.zero_stage}); engines take a minute to load",
+        flush=True,
+    )
+    if bridged:
+        print(f"teachers {bridged} have another tokenizer: their signal is re-tokenized through text", flush=True)
+    backend = weight_backend(cfg)
+    rollout = RolloutGroup(cfg, student, backend, groups["rollout"])
+    pool = TeacherPool(
+        cfg.teachers,
+        cfg.combine,
+        cfg.teacher_engine,
+        cfg.rollout.temperature,
+        cfg.seed,
+        teachers,
+        student,
+        len(tokenizer),
+        cfg.faults,
+        cfg.loss.top_k,
+        {t.name: groups[f"teacher:{t.name}"] for t in cfg.teachers},
+    )
+    feedback = Feedback(cfg, pool, tokenizer, {e.prompt.index: e for e in train_set}, verifier)
+    buf = cfg.buffer
+    buffer = ShardedBuffer(buf.num_shards, buf.capacity, buf.max_staleness, buf.order)
+    learner = LearnerGroup(
+        student,
+        cfg.learner,
+        cfg.loss,
+        cfg.rollout.temperature,
+        Controller.samples_per_step(cfg) // cfg.learner.mini_batches,
+        cfg.correction.sft_weight,
+        cfg.faults.max_nonfinite_steps,
+        groups["learner"],
+    )
+    rollout.ready()
+    pool.ready()
+    rollout.connect(learner)
+    print(f"all actors ready in {time.perf_counter() - t0:.0f}s; weight sync over {backend}", flush=True)
+    roles = {"rollout worker": rollout.workers, "learner shard": learner.shards}
+    print(plan.placement(roles | {f"teacher {n}": r for n, r in pool.replicas.items()}), flush=True)
+    evaluator = Evaluator(cfg, eval_set, rollout, pool, feedback, tokenizer)
+    return Controller(cfg, train_set, rollout, pool, feedback, buffer, learner, evaluator, monitor)
