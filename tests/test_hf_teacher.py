@@ -1,6 +1,10 @@
-"""The transformers teacher backend: batched scoring equals scoring one sequence at a time."""
+"""The transformers teacher backend: batched scoring equals scoring one sequence at a time; generation stops at
+the model's stop ids and samples its full distribution."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -75,3 +79,43 @@ def test_batched_generation_matches_one_prompt_at_a_time(tiny_assets):
     assert [[i.tolist() for i, _ in ps] for ps in hf.sample(model, prompts, 3, 6, 0.8, seed=5)] == [
         [i.tolist() for i, _ in ps] for ps in sampled
     ]
+
+
+def test_stop_ids_are_the_generation_configs_eos_list_and_the_tokenizers_eos(tiny_assets, tmp_path):
+    """Qwen-style checkpoints declare several end-of-turn ids (`eos_token_id: [<|im_end|>, <|endoftext|>]`); a
+    checkpoint without generation_config.json falls back to config.json's eos, as transformers and vLLM do."""
+    from transformers import AutoTokenizer
+
+    from opd.rollout.engine import stop_token_ids
+
+    eos = AutoTokenizer.from_pretrained(tiny_assets["teacher"]).eos_token_id
+    path = shutil.copytree(tiny_assets["teacher"], tmp_path / "teacher")
+    assert stop_token_ids(str(path)) == [eos]
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [7, 5]}))
+    assert stop_token_ids(str(path)) == sorted({5, 7, eos})
+    (path / "generation_config.json").unlink()
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 9}))
+    assert stop_token_ids(str(path)) == sorted({9, eos})
+
+
+def test_generation_stops_at_any_stop_id_and_ignores_the_checkpoints_sampling_defaults(tiny_assets):
+    """A response ends with the first of the stop ids, whichever it is; a checkpoint's generation_config (top_k,
+    top_p, repetition penalty) does not change what is sampled, so the log-probs describe the sampling distribution."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]).eval()
+    eos = model.generation_config.eos_token_id
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in (3, 8, 5)]
+    greedy = [ids.tolist() for pairs in hf.sample(model, prompts, 1, 8, 0.0, None, [eos]) for ids, _ in pairs]
+    stop = next(t for r in greedy for t in r[1:] if t != eos)  # a token some response writes after its first
+    cut = [ids.tolist() for pairs in hf.sample(model, prompts, 1, 8, 0.0, None, [eos, stop]) for ids, _ in pairs]
+    assert cut == [r[: r.index(stop) + 1] if stop in r else r for r in greedy] != greedy
+
+    sampled = hf.sample(model, prompts, 4, 8, 1.5, 3, [eos])
+    model.generation_config.update(top_k=1, top_p=0.1, repetition_penalty=3.0, no_repeat_ngram_size=2)
+    again = hf.sample(model, prompts, 4, 8, 1.5, 3, [eos])
+    assert [[i.tolist() for i, _ in ps] for ps in again] == [[i.tolist() for i, _ in ps] for ps in sampled]
+    assert any(ids.tolist() != greedy[p][: len(ids)] for p, ps in enumerate(sampled) for ids, _ in ps)

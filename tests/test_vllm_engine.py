@@ -29,7 +29,12 @@ if __name__ == "__main__":
     prompts = [rng.integers(3, vocab, size=n).tolist() for n in (4, 9, 6)]
     responses = [rng.integers(3, vocab, size=n).tolist() for n in (7, 1, 12)]
     got, want = engine.score(llm, prompts, responses, k), hf.score(model, prompts, responses, k, 1.0)
-    sampled = engine.sample(llm, prompts, 3, 8, 0.8, seed=5)
+    stops = engine.stop_token_ids(path)
+    sampled = engine.sample(llm, prompts, 3, 8, 0.8, 5, stops)
+    greedy = [ids.tolist() for pairs in engine.sample(llm, prompts, 1, 8, 0.0, None, stops) for ids, _ in pairs]
+    stop = next(t for r in greedy for t in r[1:] if t not in stops)  # a token some response writes after its first
+    cut = [ids.tolist() for pairs in engine.sample(llm, prompts, 1, 8, 0.0, None, [*stops, stop]) for ids, _ in pairs]
+    hf_cut = [ids.tolist() for pairs in hf.sample(model, prompts, 1, 8, 0.0, None, [*stops, stop]) for ids, _ in pairs]
     rows = [p for p in prompts for _ in range(3)]
     ids = [i.tolist() for pairs in sampled for i, _ in pairs]
     rescored = hf.score(model, rows, ids, 1, 0.8)
@@ -40,6 +45,8 @@ if __name__ == "__main__":
         "shapes": [list(g.topk_ids.shape) for g in got],
         "samples_per_prompt": [len(pairs) for pairs in sampled],
         "lengths_ok": all(1 <= len(i) <= 8 and len(lp) == len(i) for pairs in sampled for i, lp in pairs),
+        "stops_at_any_stop_id": cut == [r[: r.index(stop) + 1] if stop in r else r for r in greedy] != greedy,
+        "greedy_as_in_transformers": cut == hf_cut,
         "sample_logprob_gap": max(
             float(np.abs(lp - r.logprobs).max()) for (_, lp), r in zip([x for ps in sampled for x in ps], rescored)
         ),
@@ -49,7 +56,8 @@ if __name__ == "__main__":
 
 def test_vllm_score_and_sample_agree_with_a_transformers_forward_pass(tiny_assets):
     """The teacher signal from vLLM's prompt log-probs (token log-prob and top-k) and the sampler's own log-probs
-    at temperature 0.8 equal what the model gives in transformers, position by position."""
+    at temperature 0.8 equal what the model gives in transformers, position by position; greedy responses end at
+    the first of the stop ids given, as the transformers backend's do."""
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_assets["teacher"])],
         cwd=ROOT,
@@ -64,3 +72,4 @@ def test_vllm_score_and_sample_agree_with_a_transformers_forward_pass(tiny_asset
     assert result["logprob_gap"] < 1e-4 and result["topk_value_gap"] < 1e-4 and result["topk_ids_equal"]
     assert result["samples_per_prompt"] == [3, 3, 3] and result["lengths_ok"]
     assert result["sample_logprob_gap"] < 1e-4
+    assert result["stops_at_any_stop_id"] and result["greedy_as_in_transformers"]

@@ -57,8 +57,34 @@ class ScoredBatch(list):
         return _unbatch, (lengths, *(np.concatenate([getattr(s, f) for s in self]) for f in fields))
 
 
+def stop_token_ids(model: str) -> list[int]:
+    """The ids that end a model's turn: its generation config's `eos_token_id` (one id or a list: Qwen's chat
+    models end a turn with <|im_end|> and a text with <|endoftext|>) and its tokenizer's eos.
+
+    vLLM 0.32 stops at the same ids on its own (its input processor adds both to every request's stop ids, with
+    either `generation_config` setting); opd passes them explicitly to both backends, so a response ends where the
+    model declares a turn ends whichever backend wrote it. Without a generation_config.json, config.json's
+    `eos_token_id` counts, as in transformers and vLLM.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        declared = GenerationConfig.from_pretrained(model).eos_token_id
+    except OSError:  # no generation_config.json
+        declared = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model)).eos_token_id
+    ids = {declared} if isinstance(declared, int) else set(declared or ())
+    eos = AutoTokenizer.from_pretrained(model).eos_token_id
+    return sorted(ids if eos is None else ids | {eos})
+
+
 def make_llm(model: str, engine, seed: int, **extra):
-    """Build a vLLM `LLM` from an `EngineConfig`; CPU settings are applied only without CUDA."""
+    """Build a vLLM `LLM` from an `EngineConfig`; CPU settings are applied only without CUDA.
+
+    `generation_config="vllm"`: vLLM's neutral sampling defaults, not the checkpoint's (e.g. top_k 20, top_p 0.95),
+    whose truncated distribution would no longer be the one the log-probs describe. vLLM applies a checkpoint's
+    defaults only to calls without `SamplingParams`, which opd never makes; this keeps it so. The checkpoint's
+    end-of-turn ids still apply (`stop_token_ids`).
+    """
     import torch
     from vllm import LLM
 
@@ -74,20 +100,39 @@ def make_llm(model: str, engine, seed: int, **extra):
         max_model_len=engine.max_model_len,
         tensor_parallel_size=engine.tensor_parallel_size,
         seed=seed,
+        generation_config="vllm",
         **extra,
     )
 
 
-def sample(llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int | None):
+def sample(
+    llm,
+    prompts: list[list[int]],
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    stop_ids: list[int],
+):
     """Sample `n` continuations per prompt. Returns, per prompt, n (token ids, log-probs) pairs.
 
-    Log-probs are those of the distribution actually sampled from (temperature applied;
-    the engine runs with `logprobs_mode=processed_logprobs`); greedy when temperature is 0.
+    Log-probs are those of the distribution actually sampled from (temperature applied, nothing truncated: top_k 0,
+    top_p 1; the engine runs with `logprobs_mode=processed_logprobs`); greedy when temperature is 0. A response
+    ends with the first of `stop_ids` (`stop_token_ids(model)`), which it keeps.
     """
     from vllm import SamplingParams
 
     params = SamplingParams(
-        n=n, max_tokens=max_tokens, temperature=temperature, logprobs=0, seed=seed, detokenize=False, flat_logprobs=True
+        n=n,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        stop_token_ids=list(stop_ids),
+        logprobs=0,
+        seed=seed,
+        detokenize=False,
+        flat_logprobs=True,
     )
     outputs = llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params, use_tqdm=False)
     result = []

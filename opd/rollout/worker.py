@@ -30,6 +30,7 @@ class RolloutWorker(Placed):
             weight_transfer_config={"backend": weight_backend},
             **sleep,
         )
+        self.stop_ids = vllm_engine.stop_token_ids(model)
         self.version = 0
 
     def ready(self) -> int:
@@ -47,7 +48,7 @@ class RolloutWorker(Placed):
         """n samples per prompt (`meta[i]`, e.g. the prompt index, rides along with prompt i), and the seconds
         the engine was busy (the pipeline's stage timing)."""
         t0 = time.perf_counter()
-        outs = vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed)
+        outs = vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
         samples = []
         for p, m, pairs in zip(prompt_ids, meta, outs, strict=True):
             for ids, lps in pairs:

@@ -7,6 +7,8 @@ whose per-token Python objects dominate when the model itself is cheap.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 from opd.rollout.engine import Scored
@@ -86,23 +88,43 @@ def score(
 
 GENERATE_ROWS = 256
 """Sequences one `generate` call decodes at most (bounds the KV cache of a call)."""
+UNSHAPED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+"""Logit processors that would move greedy and sampled decoding off the model's own distribution, switched off."""
+UNTRUNCATED = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+"""Sampling over the full distribution. `generate` fills every setting a call leaves unset from the checkpoint's
+generation_config (e.g. top_k 20, top_p 0.95), then transformers' own defaults (top_k 50): either would sample
+from a truncated distribution while the log-probs returned are the full one's."""
 
 
-def sample(model, prompts: list, n: int, max_tokens: int, temperature: float, seed: int | None) -> list:
+def sample(
+    model,
+    prompts: list,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    stop_ids: Collection[int] | None = None,
+) -> list:
     """`n` continuations per prompt with `model.generate`; per prompt, n (token ids, log-probs) pairs.
 
     Prompts are left-padded into batches. Log-probs are those of the distribution sampled from (temperature
-    applied; greedy at 0 reads temperature 1), taken by one scoring pass afterwards rather than from
-    `output_scores`, which would hold [rows, steps, vocab] logits at once. Responses end after the first eos.
+    applied, nothing truncated; greedy at 0 reads temperature 1), taken by one scoring pass afterwards rather than
+    from `output_scores`, which would hold [rows, steps, vocab] logits at once. A response ends with the first of
+    `stop_ids` (`opd.rollout.engine.stop_token_ids`; by default the model's generation config's eos ids).
     """
     import torch
 
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    eos = model.generation_config.eos_token_id
+    sampling = (
+        {"do_sample": True, "temperature": temperature, **UNTRUNCATED} if temperature > 0 else {"do_sample": False}
+    )
+    if stop_ids is None:
+        eos = model.generation_config.eos_token_id
+        stop_ids = [eos] if isinstance(eos, int) else list(eos or ())
+    stops = set(stop_ids)
     pad = model.generation_config.pad_token_id
-    pad = eos if pad is None else pad
+    pad = min(stops, default=None) if pad is None else pad
     rows = [[int(t) for t in p] for p in prompts for _ in range(n)]
     responses: list[list[int]] = []
     for at in range(0, len(rows), GENERATE_ROWS):
@@ -113,11 +135,13 @@ def sample(model, prompts: list, n: int, max_tokens: int, temperature: float, se
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
             max_new_tokens=max_tokens,
+            eos_token_id=sorted(stops) or None,
             pad_token_id=pad,
+            **UNSHAPED,
             **sampling,
         )
         for tokens in out[:, longest:].tolist():
-            responses.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+            responses.append(tokens[: next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))])
     scored = score(model, rows, responses, 1, temperature if temperature > 0 else 1.0)
     pairs = [(np.asarray(r, np.int64), s.logprobs) for r, s in zip(responses, scored, strict=True)]
     return [pairs[i * n : (i + 1) * n] for i in range(len(prompts))]

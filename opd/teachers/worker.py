@@ -28,6 +28,7 @@ class TeacherWorker(Placed):
 
         self.backend, self.temperature = backend, temperature
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.stop_ids = vllm_engine.stop_token_ids(model)
         self.bridge = TokenBridge(AutoTokenizer.from_pretrained(student), self.tokenizer)
         if backend == "vllm":
             # vLLM refuses more prompt log-probs per token than max_logprobs (default 20).
@@ -76,8 +77,8 @@ class TeacherWorker(Placed):
     def _generate(self, prompt_ids: list, n: int, max_tokens: int, temperature: float, seed: int | None):
         """Responses in the teacher's own tokens."""
         if self.backend == "vllm":
-            return vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed)
-        return hf.sample(self.model, prompt_ids, n, max_tokens, temperature, seed)
+            return vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
+        return hf.sample(self.model, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
 
     def complete(self, texts: list[str], max_tokens: int, temperature: float) -> list[str | None]:
         """Text continuations of plain-text prompts, in the teacher's own tokenizer.
