@@ -14,7 +14,7 @@ import ray
 
 from opd import plan
 from opd.buffer.sharded import ShardedBuffer
-from opd.compat import check_top_k, cross_tokenizer_teachers
+from opd.compat import check_cpu_attention, check_top_k, cross_tokenizer_teachers
 from opd.config import OPDConfig
 from opd.controller import Controller
 from opd.data import Prompt, encode
@@ -53,6 +53,7 @@ def start(
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     check_top_k(cfg.loss.top_k, len(tokenizer))
+    check_cpu_attention(cfg, student, teachers)
     bridged = cross_tokenizer_teachers(tokenizer, teachers, cfg.combine.rule)
     # Resolved here, before any actor starts: a misspelt `module:function` is an error within seconds.
     verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
