@@ -296,7 +296,7 @@ def evaluate(model, tokenizer, rows: list[dict]) -> dict[str, float]:
     texts, stopped = generate_greedy(model, tokenizer, [r["prompt"] for r in rows])
     n = len(rows)
     return {
-        "accuracy": sum(addition.is_correct(t, r["answer"]) for t, r in zip(texts, rows, strict=True)) / n,
+        "accuracy": sum(addition.marked_answer_correct(t, r["answer"]) for t, r in zip(texts, rows, strict=True)) / n,
         "well_formed": sum(addition.extract_answer(t) is not None for t in texts) / n,
         "stopped": sum(stopped) / n,
     }

@@ -117,7 +117,9 @@ def final_answer(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def is_correct(response: str, answer: str | None) -> bool:
+def last_number_correct(response: str, answer: str | None) -> bool:
+    """True when the response's last number is `answer` (GSM8K-style data; the built-in task marks its answer:
+    `opd.tasks.addition.marked_answer_correct`)."""
     return answer is not None and final_answer(response) == answer.strip()
 
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from opd.tasks.addition import extract_answer, is_correct, make_example, solve, write_jsonl
+from opd.tasks.addition import extract_answer, make_example, marked_answer_correct, solve, write_jsonl
 
 
 def test_scratchpad_format():
@@ -29,7 +29,7 @@ def test_make_example_is_consistent(lo, hi):
         assert ex["response"] == solve(int(a), int(b))
         assert ex["response"].count("|") == len(a)
         assert extract_answer(ex["response"]) == ex["answer"]
-        assert is_correct(ex["response"], ex["answer"])
+        assert marked_answer_correct(ex["response"], ex["answer"])
 
 
 def test_make_example_is_seeded():
@@ -67,15 +67,15 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-def test_is_correct():
+def test_marked_answer_correct():
     good = "7+8=15|5+6+1=12|3+4+1=8|ans 825"
-    assert is_correct(good, "825")
-    assert is_correct(good, " 825 ")
-    assert not is_correct(good, "826")
-    assert not is_correct("7+8=15|5+6+1=12|3+4+1=8|ans 82", "825")
-    assert not is_correct("7+8=15|5+6+1=12|3+4+1=8|", "825")
-    assert not is_correct("garbage 825", "825")  # the right number without the marker does not count
-    assert is_correct("ans 0", "0")
+    assert marked_answer_correct(good, "825")
+    assert marked_answer_correct(good, " 825 ")
+    assert not marked_answer_correct(good, "826")
+    assert not marked_answer_correct("7+8=15|5+6+1=12|3+4+1=8|ans 82", "825")
+    assert not marked_answer_correct("7+8=15|5+6+1=12|3+4+1=8|", "825")
+    assert not marked_answer_correct("garbage 825", "825")  # the right number without the marker does not count
+    assert marked_answer_correct("ans 0", "0")
 
 
 def test_write_jsonl_round_trips(tmp_path):

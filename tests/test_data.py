@@ -1,6 +1,6 @@
 import pytest
 
-from opd.data import DataError, final_answer, is_correct, load_prompts
+from opd.data import DataError, final_answer, last_number_correct, load_prompts
 
 
 def write(tmp_path, content: bytes):
@@ -51,5 +51,5 @@ def test_file_with_nothing_usable_is_an_error(tmp_path):
 def test_final_answer_is_the_last_number():
     assert final_answer("7+8=15 c1|ans 825") == "825"
     assert final_answer("no digits") is None
-    assert is_correct("... so 1081", "1081") and not is_correct("... so 1080", "1081")
-    assert not is_correct("1081", None)
+    assert last_number_correct("... so 1081", "1081") and not last_number_correct("... so 1080", "1081")
+    assert not last_number_correct("1081", None)

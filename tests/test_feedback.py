@@ -2,7 +2,7 @@
 
 The real pool, engines and combination rules run in the integration tests; this pins down what the stage
 does with what the teachers return: the reverse KL taken before corrections, verdicts stored with the samples,
-corrections cut where the teacher first disagrees, and a `Scored` that survives a checkpoint as JSON.
+corrections cut where the teacher first disagrees, and a `ScoredRound` that survives a checkpoint as JSON.
 """
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from opd.buffer.sample import Sample
 from opd.config import OPDConfig
 from opd.data import Encoded, Prompt
-from opd.teachers.feedback import Feedback, Scored, reverse_kl
+from opd.teachers.feedback import Feedback, ScoredRound, reverse_kl
 from opd.teachers.judge import exact_answer
 
 
@@ -94,7 +94,7 @@ def test_scored_state_survives_a_checkpoint_as_json(stage):
     feedback, _ = stage
     scored = feedback([student(1, [5, 6])], seed=0)  # no correction: mean position is NaN
     state = json.loads(json.dumps(scored.to_state()))
-    back = Scored.from_state(scored.samples, state)
+    back = ScoredRound.from_state(scored.samples, state)
     assert np.isnan(back.metrics.pop("correction/mean_position"))
     assert np.isnan(scored.metrics.pop("correction/mean_position"))
     assert back == scored

@@ -70,7 +70,7 @@ def extract_answer(text: str) -> str | None:
     return digits.lstrip("0") or "0"
 
 
-def is_correct(response: str, answer: str) -> bool:
+def marked_answer_correct(response: str, answer: str) -> bool:
     """True when the response's final answer equals `answer` numerically (leading zeros ignored)."""
     got = extract_answer(response)
     return got is not None and got == (answer.strip().lstrip("0") or "0")

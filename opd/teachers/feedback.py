@@ -2,7 +2,7 @@
 
 One stage of the pipeline. The controller runs it in turn (`pipeline.mode=sync`) or on a thread beside the
 learner (`async`), so it holds no state between rounds: everything a round's feedback produced travels in
-the returned `Scored` (and, in async, in the checkpoint).
+the returned `ScoredRound` (and, in async, in the checkpoint).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SHOWN = 8
 
 
 @dataclass
-class Scored:
+class ScoredRound:
     """A round's samples with the teachers' signal in them, and what giving it measured."""
 
     samples: list[Sample]
@@ -43,7 +43,7 @@ class Scored:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
 
     @classmethod
-    def from_state(cls, samples: list[Sample], state: dict) -> Scored:
+    def from_state(cls, samples: list[Sample], state: dict) -> ScoredRound:
         return cls(samples, **state)
 
 
@@ -69,7 +69,7 @@ class Feedback:
         self.cfg, self.teachers, self.tokenizer, self.by_index = cfg, teachers, tokenizer, by_index
         self.verifier = verifier
 
-    def __call__(self, samples: list[Sample], seed: int) -> Scored:
+    def __call__(self, samples: list[Sample], seed: int) -> ScoredRound:
         """Score (on-policy), judge and correct `samples` in place; `seed` seeds the teachers' corrections."""
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -87,7 +87,7 @@ class Feedback:
         if cfg.correction.enabled:
             metrics |= self.correct(samples, seed)
         examples = self.sample_rows(samples[:SHOWN], shown)
-        return Scored(samples, metrics, share, examples, tokens, time.perf_counter() - t0)
+        return ScoredRound(samples, metrics, share, examples, tokens, time.perf_counter() - t0)
 
     def sample_rows(self, samples: list[Sample], written: list) -> list[dict]:
         """What a person reads to see what the student does: prompt, its response, the correction, the verdict."""

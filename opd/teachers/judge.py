@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from opd.data import is_correct
+from opd.data import last_number_correct
 from opd.registry import Registry
 
 Verifier = Callable[[str, str | None, Mapping[str, object]], float | None]
@@ -43,7 +43,7 @@ def exact_answer(response: str, answer: str | None, fields: Mapping[str, object]
     """1.0 when the response's final number is the reference answer (GSM8K-style), None without a reference."""
     if answer is None:
         return None
-    return 1.0 if is_correct(response, answer) else 0.0
+    return 1.0 if last_number_correct(response, answer) else 0.0
 
 
 @VERIFIERS.register("contains_answer")
