@@ -78,11 +78,9 @@ def run(cfg) -> dict:
     from opd.config import to_yaml
     from opd.data import DataError, load_prompts
     from opd.learner.group import LearnerDied
-    from opd.provenance import build_provenance, licence_problems, write_model_card
+    from opd.provenance import build_provenance, write_model_card
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    for warning in licence_problems(cfg.teachers)[1]:
-        print(f"licence warning: {warning}", flush=True)
     if cfg.resume not in (None, "auto"):
         cfg.output_dir = cfg.resume  # resuming a run directory continues writing into it
     try:

@@ -1,13 +1,17 @@
 """The run's configuration: one structured schema holding every default.
 
 YAML files in `conf/` only override it, and `key=value` arguments override those.
-Everything here is plain stdlib + omegaconf, so a bad key, type or path is reported
-in well under a second, before Ray, torch or vLLM are imported.
+Each section checks itself in `__post_init__` (OmegaConf.to_object builds sections before
+the whole), `OPDConfig` checks the rules across sections. Valid names (loss types, combine
+rules, buffer orders) are read from the modules that own them, which import numpy at most,
+so a bad key, type or path is reported in well under a second, before Ray, torch or vLLM.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,18 +19,33 @@ from typing import Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from opd.provenance import licence_problems
+from opd.buffer.replay import ORDERS as BUFFER_ORDERS
+from opd.learner.loss_types import LOSS_TYPES
+from opd.licenses import LicenseWarning, license_problems
+from opd.teachers.combine import RULES, SELECTING
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 BUILTIN = "builtin:"
-LOSSES = ("reverse_kl", "jsd", "topk_kl", "sft")
-BUFFER_ORDERS = ("fifo", "disagreement")
-COMBINE_RULES = ("mean_logprob", "mixture", "route", "best_of")
-"""Merging rules live in opd/teachers/combine.py (RULES); route and best_of pick one teacher per prompt."""
+COMBINE_RULES = (*RULES.names(), *SELECTING)
+"""Every combine.rule: the merging rules of opd/teachers/combine.py, then those that pick one teacher per prompt.
+The names are read from the modules that implement them (numpy at most, no torch): one list, no copies."""
 
 
 class ConfigError(ValueError):
     """A configuration the run cannot start with; the message names the key."""
+
+
+def at_least_one(section: str, config: object, *names: str) -> None:
+    """Counts and sizes that must be >= 1, named `section.name` in the error."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ConfigError(f"{section}.{name}={value} must be >= 1")
+
+
+def one_of(key: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
 
 
 @dataclass
@@ -72,12 +91,37 @@ class TeacherConfig:
     cpus_per_replica: float = 1
     license: str = "unspecified"
     """SPDX-style id (apache-2.0, mit, llama3.1, gemma, ...) or proprietary-api; checked by the licence gate
-    (opd/provenance.py) and recorded in the student's provenance.json."""
+    (opd/licenses.py) and recorded in the student's provenance.json."""
     source: str = ""
     """Where the teacher came from (hub id and revision, URL, internal registry); recorded with the student."""
     accept_terms: str = ""
     """For a teacher whose terms restrict training other models: why this use is allowed (e.g. a written
     agreement). Empty refuses such a teacher; any text lets it run and is recorded in provenance.json."""
+
+    @property
+    def built_in(self) -> bool:
+        """Made by opd from random weights (`builtin:`), so no third party's terms apply."""
+        return self.model.startswith(BUILTIN)
+
+
+def check_teachers(teachers: list[TeacherConfig]) -> None:
+    """Each entry by its index, unique names, and the licence gate: its errors refuse the config, its warnings
+    are issued once, here (`LicenseWarning`), when the config is validated."""
+    if not teachers:
+        raise ConfigError("teachers is empty: at least one teacher is needed")
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teachers: names must be unique, got {names}")
+    for i, t in enumerate(teachers):
+        if t.weight < 0:
+            raise ConfigError(f"teachers.{i}.weight={t.weight} must be >= 0")
+        if t.replicas < 1:
+            raise ConfigError(f"teachers.{i}.replicas must be >= 1")
+    errors, notes = license_problems(teachers)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    for note in notes:
+        warnings.warn(note, LicenseWarning, stacklevel=2)
 
 
 @dataclass
@@ -93,6 +137,11 @@ class CombineConfig:
     """Field value -> teacher name, for rule=route."""
     default: str | None = None
     """Teacher for prompts whose field value has no route (None: such a prompt is an error)."""
+
+    def __post_init__(self) -> None:
+        one_of("combine.rule", self.rule, COMBINE_RULES)
+        if self.rule == "route" and not self.routes and self.default is None:
+            raise ConfigError("combine.rule=route needs combine.routes (field value -> teacher) or combine.default")
 
 
 DEFAULT_RUBRIC = (
@@ -120,6 +169,14 @@ class JudgeConfig:
     advantage_coef: float = 0.0
     """loss.type=reverse_kl: add coef x (score - mean score of the prompt's samples) to every token's advantage."""
 
+    def __post_init__(self) -> None:
+        if self.kind == "none" and (self.use != "record" or self.advantage_coef):
+            raise ConfigError(f"judge.use={self.use} / judge.advantage_coef need a judge: set judge.kind")
+        if self.kind == "rubric" and ("{prompt}" not in self.rubric or "{response}" not in self.rubric):
+            raise ConfigError("judge.rubric must contain {prompt} and {response}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"judge.min_score={self.min_score} must lie in [0, 1] (scores are normalised)")
+
 
 @dataclass
 class CorrectionConfig:
@@ -140,6 +197,14 @@ class CorrectionConfig:
     """Sampling temperature of the continuation (0: greedy)."""
     sft_weight: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if self.threshold > 0:
+            raise ConfigError(f"correction.threshold={self.threshold} is a log-prob, so it must be <= 0")
+        if self.sft_weight < 0 or self.temperature < 0:
+            raise ConfigError("correction.sft_weight and correction.temperature must be >= 0")
+
 
 @dataclass
 class DataConfig:
@@ -150,6 +215,9 @@ class DataConfig:
     """Held-out prompts used for accuracy and reverse KL (the first N of `data.eval`)."""
     on_error: Literal["skip", "fail"] = "fail"
     """What to do with a malformed line: skip it (counted) or stop naming file and line."""
+
+    def __post_init__(self) -> None:
+        at_least_one("data", self, "eval_size")
 
 
 @dataclass
@@ -169,6 +237,20 @@ class RolloutConfig:
     """Learner -> rollout transport: auto is ipc (CUDA IPC, no copy over the wire) when colocated, nccl when
     rollout workers have GPUs, else gloo (CPU)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        at_least_one("rollout", self, "num_workers", "prompts_per_round", "samples_per_prompt", "max_new_tokens")
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature={self.temperature} must be >= 0")
+        if self.weight_sync == "ipc" and not self.colocate:
+            raise ConfigError(
+                "rollout.weight_sync=ipc hands over CUDA memory on one GPU: it needs rollout.colocate=true"
+            )
+        if self.max_new_tokens >= self.engine.max_model_len:
+            raise ConfigError(
+                f"rollout.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
+                f"rollout.engine.max_model_len={self.engine.max_model_len}"
+            )
 
 
 @dataclass
@@ -190,17 +272,30 @@ class LearnerConfig:
     """GPUs each shard's actor reserves; 1 on a GPU cluster."""
     cpus_per_shard: float = 1
 
+    def __post_init__(self) -> None:
+        at_least_one("learner", self, "num_shards", "micro_batch_size", "mini_batches")
+        if self.lr <= 0:
+            raise ConfigError(f"learner.lr={self.lr} must be > 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
 
 @dataclass
 class LossConfig:
     type: str = "reverse_kl"
-    """One of reverse_kl, jsd, topk_kl, sft."""
+    """The objective by name: opd/learner/loss_types.py declares them (README "Losses" compares them)."""
     beta: float = 0.5
     """Generalized JSD interpolation: 0 is forward KL, 1 is reverse KL."""
     top_k: int = 8
     """Teacher alternatives kept per token (top-k KL / JSD on top-k logits)."""
     is_cap: float = 2.0
     """Cap on the importance weight between the learner and the sampling policy."""
+
+    def __post_init__(self) -> None:
+        one_of("loss.type", self.type, LOSS_TYPES.names())
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"loss.beta={self.beta} must lie in [0, 1]")
+        at_least_one("loss", self, "top_k")
 
 
 @dataclass
@@ -219,6 +314,12 @@ class BufferConfig:
     order=disagreement, trains on the ones the teacher disagrees with most; the rest wait in the buffer for a
     later round while fresh enough (max_staleness), then are dropped and counted."""
 
+    def __post_init__(self) -> None:
+        if self.train_per_round < 0:
+            raise ConfigError(f"buffer.train_per_round={self.train_per_round} must be >= 0")
+        at_least_one("buffer", self, "num_shards", "capacity")
+        one_of("buffer.order", self.order, BUFFER_ORDERS)
+
 
 @dataclass
 class EvalConfig:
@@ -226,6 +327,9 @@ class EvalConfig:
     """Evaluate every N rounds (and always before the first and after the last)."""
     samples_per_prompt: int = 2
     """Student samples per eval prompt for the reverse-KL estimate."""
+
+    def __post_init__(self) -> None:
+        at_least_one("eval", self, "every")
 
 
 @dataclass
@@ -240,6 +344,10 @@ class PipelineConfig:
     1: a round's generation and its scoring run in turn while the previous round learns. 2: generation, scoring
     and learning each work on their own round at once (round r+3 generates from round r's sync on), so a round
     takes about the slowest stage instead of half the sum of all; samples are then two rounds old."""
+
+    def __post_init__(self) -> None:
+        if self.mode == "async" and self.depth < 1:
+            raise ConfigError(f"pipeline.depth={self.depth}: async generates at least one round ahead")
 
 
 @dataclass
@@ -268,6 +376,9 @@ class FaultConfig:
     """Learner steps with a non-finite loss are skipped and counted; this many in a row stops the run."""
     learner_resumes: int = 1
     """When a learner shard dies, restart every actor from the last checkpoint this many times."""
+
+    def __post_init__(self) -> None:
+        at_least_one("faults", self, "max_nonfinite_steps")
 
 
 @dataclass
@@ -319,102 +430,44 @@ class OPDConfig:
     a path: continue from that run directory's newest checkpoint, writing to it."""
 
     def __post_init__(self) -> None:
-        check(self)
+        """Each section checked itself as it was built (sections are built before the whole); here, the whole."""
+        if self.rounds < 1:
+            raise ConfigError(f"rounds={self.rounds} must be >= 1")
+        check_teachers(self.teachers)
+        check_across(self)
 
 
-def check(cfg: OPDConfig) -> None:
-    """Cross-field invariants; each message names the key and why."""
-    if cfg.loss.type not in LOSSES:
-        raise ConfigError(f"loss.type={cfg.loss.type!r} is not one of {', '.join(LOSSES)}")
-    if cfg.mode == "offline" and cfg.loss.type != "sft":
-        raise ConfigError("mode=offline trains on teacher samples, so it needs loss.type=sft")
-    if cfg.mode == "on_policy" and cfg.loss.type == "sft":
-        raise ConfigError("loss.type=sft imitates teacher samples; use it with mode=offline")
-    if not 0.0 <= cfg.loss.beta <= 1.0:
-        raise ConfigError(f"loss.beta={cfg.loss.beta} must lie in [0, 1]")
-    if not cfg.teachers:
-        raise ConfigError("teachers is empty: at least one teacher is needed")
+def check_across(cfg: OPDConfig) -> None:
+    """Rules that tie sections together; each message names the keys and why."""
+    loss = LOSS_TYPES.get(cfg.loss.type)
+    if cfg.mode == "offline" and loss.mode != "offline":
+        offline = " or ".join(n for n in LOSS_TYPES.names() if LOSS_TYPES.get(n).mode == "offline")
+        raise ConfigError(f"mode=offline trains on teacher samples, so it needs loss.type={offline}")
+    if cfg.mode == "on_policy" and loss.mode != "on_policy":
+        raise ConfigError(f"loss.type={cfg.loss.type} imitates teacher samples; use it with mode=offline")
     names = [t.name for t in cfg.teachers]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"teachers: names must be unique, got {names}")
-    check_combine(cfg.combine, names)
-    check_judge_and_correction(cfg, names)
-    errors, _ = licence_problems(cfg.teachers)
-    if errors:
-        raise ConfigError("; ".join(errors))
+    if cfg.combine.rule == "route":
+        for value, teacher in [*cfg.combine.routes.items(), ("combine.default", cfg.combine.default)]:
+            if teacher is not None and teacher not in names:
+                raise ConfigError(f"combine.routes: {value!r} -> {teacher!r}, which is not a teacher name ({names})")
+    for key, teacher in (("judge.teacher", cfg.judge.teacher), ("correction.teacher", cfg.correction.teacher)):
+        if teacher is not None and teacher not in names:
+            raise ConfigError(f"{key}={teacher!r} is not a teacher name ({names})")
+    if cfg.judge.kind == "none" and cfg.combine.rule == "best_of":
+        raise ConfigError("combine.rule=best_of ranks the teachers' own answers by judge score: set judge.kind")
+    if cfg.judge.advantage_coef and cfg.loss.type != "reverse_kl":
+        raise ConfigError("judge.advantage_coef mixes scores into the policy-gradient advantage: loss.type=reverse_kl")
+    if cfg.correction.enabled and cfg.mode != "on_policy":
+        raise ConfigError("correction.enabled rewrites the student's own samples: it needs mode=on_policy")
     for i, t in enumerate(cfg.teachers):
-        if t.weight < 0:
-            raise ConfigError(f"teachers.{i}.weight={t.weight} must be >= 0")
         if t.backend == "vllm" and cfg.rollout.temperature != 1.0 and cfg.mode == "on_policy":
             raise ConfigError(
                 f"teachers.{i}.backend=vllm scores at temperature 1 (vLLM prompt log-probs skip temperature), "
                 f"but rollout.temperature={cfg.rollout.temperature}; use backend=transformers or temperature 1"
             )
-        if t.replicas < 1:
-            raise ConfigError(f"teachers.{i}.replicas must be >= 1")
-    positive = {
-        "rounds": cfg.rounds,
-        "rollout.num_workers": cfg.rollout.num_workers,
-        "rollout.prompts_per_round": cfg.rollout.prompts_per_round,
-        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
-        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-        "learner.num_shards": cfg.learner.num_shards,
-        "learner.micro_batch_size": cfg.learner.micro_batch_size,
-        "learner.mini_batches": cfg.learner.mini_batches,
-        "loss.top_k": cfg.loss.top_k,
-        "eval.every": cfg.eval.every,
-        "data.eval_size": cfg.data.eval_size,
-        "faults.max_nonfinite_steps": cfg.faults.max_nonfinite_steps,
-        "buffer.num_shards": cfg.buffer.num_shards,
-        "buffer.capacity": cfg.buffer.capacity,
-    }
-    if cfg.buffer.train_per_round < 0:
-        raise ConfigError(f"buffer.train_per_round={cfg.buffer.train_per_round} must be >= 0")
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
-    if cfg.buffer.order not in BUFFER_ORDERS:
-        raise ConfigError(f"buffer.order={cfg.buffer.order!r} is not one of {', '.join(BUFFER_ORDERS)}")
-    if cfg.rollout.temperature < 0:
-        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be >= 0")
-    if cfg.learner.lr <= 0:
-        raise ConfigError(f"learner.lr={cfg.learner.lr} must be > 0")
-    if cfg.learner.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
-    made = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt
-    step = cfg.learner.mini_batches * cfg.learner.num_shards
-    learner = cfg.learner
-    split = f"split evenly into learner.mini_batches={learner.mini_batches} x learner.num_shards={learner.num_shards}"
-    if cfg.buffer.train_per_round:
-        if not 0 < cfg.buffer.train_per_round <= made:
-            raise ConfigError(
-                f"buffer.train_per_round={cfg.buffer.train_per_round} must be between 1 and the {made} samples a "
-                "round makes (rollout.prompts_per_round x samples_per_prompt), or 0 for all of them"
-            )
-        if cfg.buffer.train_per_round % step:
-            raise ConfigError(f"buffer.train_per_round={cfg.buffer.train_per_round} must {split}")
-    elif made % step:
-        raise ConfigError(
-            f"a round makes {made} samples (rollout.prompts_per_round x samples_per_prompt), which must {split}"
-        )
+    check_batches(cfg.rollout, cfg.learner, cfg.buffer)
     if cfg.pipeline.mode == "async":
-        if cfg.mode != "on_policy":
-            raise ConfigError("pipeline.mode=async overlaps student generation with learning: it needs mode=on_policy")
-        if cfg.pipeline.depth < 1:
-            raise ConfigError(f"pipeline.depth={cfg.pipeline.depth}: async generates at least one round ahead")
-        lag = cfg.pipeline.depth * cfg.learner.mini_batches
-        if cfg.buffer.max_staleness < lag:
-            raise ConfigError(
-                f"pipeline.mode=async with pipeline.depth={cfg.pipeline.depth} trains on samples that many rounds "
-                f"old, {lag} policy versions (learner.mini_batches={cfg.learner.mini_batches}, one per optimizer "
-                f"step): buffer.max_staleness={cfg.buffer.max_staleness} must be at least that"
-            )
-        if cfg.rollout.colocate:
-            raise ConfigError(
-                "rollout.colocate puts the engines to sleep while the learner steps: use pipeline.mode=sync"
-            )
-    if cfg.rollout.weight_sync == "ipc" and not cfg.rollout.colocate:
-        raise ConfigError("rollout.weight_sync=ipc hands over CUDA memory on one GPU: it needs rollout.colocate=true")
+        check_async(cfg)
     if cfg.rollout.colocate:
         if cfg.rollout.gpus_per_worker <= 0 or cfg.learner.gpus_per_shard <= 0:
             raise ConfigError(
@@ -426,49 +479,40 @@ def check(cfg: OPDConfig) -> None:
                 f"rollout.colocate pairs rollout worker i with learner shard i: rollout.num_workers="
                 f"{cfg.rollout.num_workers} must equal learner.num_shards={cfg.learner.num_shards}"
             )
-    engine = cfg.rollout.engine
-    if cfg.rollout.max_new_tokens >= engine.max_model_len:
+
+
+def check_batches(rollout: RolloutConfig, learner: LearnerConfig, buffer: BufferConfig) -> None:
+    """What a round trains on must split evenly into the learner's optimizer steps x shards."""
+    made = rollout.prompts_per_round * rollout.samples_per_prompt
+    step = learner.mini_batches * learner.num_shards
+    split = f"split evenly into learner.mini_batches={learner.mini_batches} x learner.num_shards={learner.num_shards}"
+    if buffer.train_per_round:
+        if not 0 < buffer.train_per_round <= made:
+            raise ConfigError(
+                f"buffer.train_per_round={buffer.train_per_round} must be between 1 and the {made} samples a "
+                "round makes (rollout.prompts_per_round x samples_per_prompt), or 0 for all of them"
+            )
+        if buffer.train_per_round % step:
+            raise ConfigError(f"buffer.train_per_round={buffer.train_per_round} must {split}")
+    elif made % step:
         raise ConfigError(
-            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in "
-            f"rollout.engine.max_model_len={engine.max_model_len}"
+            f"a round makes {made} samples (rollout.prompts_per_round x samples_per_prompt), which must {split}"
         )
 
 
-def check_combine(combine: CombineConfig, names: list[str]) -> None:
-    if combine.rule not in COMBINE_RULES:
-        raise ConfigError(f"combine.rule={combine.rule!r} is not one of {', '.join(COMBINE_RULES)}")
-    if combine.rule != "route":
-        return
-    if not combine.routes and combine.default is None:
-        raise ConfigError("combine.rule=route needs combine.routes (field value -> teacher) or combine.default")
-    for value, teacher in [*combine.routes.items(), ("combine.default", combine.default)]:
-        if teacher is not None and teacher not in names:
-            raise ConfigError(f"combine.routes: {value!r} -> {teacher!r}, which is not a teacher name ({names})")
-
-
-def check_judge_and_correction(cfg: OPDConfig, names: list[str]) -> None:
-    judge, corr = cfg.judge, cfg.correction
-    for key, teacher in (("judge.teacher", judge.teacher), ("correction.teacher", corr.teacher)):
-        if teacher is not None and teacher not in names:
-            raise ConfigError(f"{key}={teacher!r} is not a teacher name ({names})")
-    if judge.kind == "none":
-        if cfg.combine.rule == "best_of":
-            raise ConfigError("combine.rule=best_of ranks the teachers' own answers by judge score: set judge.kind")
-        if judge.use != "record" or judge.advantage_coef:
-            raise ConfigError(f"judge.use={judge.use} / judge.advantage_coef need a judge: set judge.kind")
-    if judge.kind == "rubric" and ("{prompt}" not in judge.rubric or "{response}" not in judge.rubric):
-        raise ConfigError("judge.rubric must contain {prompt} and {response}")
-    if judge.advantage_coef and cfg.loss.type != "reverse_kl":
-        raise ConfigError("judge.advantage_coef mixes scores into the policy-gradient advantage: loss.type=reverse_kl")
-    if not 0.0 <= judge.min_score <= 1.0:
-        raise ConfigError(f"judge.min_score={judge.min_score} must lie in [0, 1] (scores are normalised)")
-    if corr.enabled:
-        if cfg.mode != "on_policy":
-            raise ConfigError("correction.enabled rewrites the student's own samples: it needs mode=on_policy")
-        if corr.threshold > 0:
-            raise ConfigError(f"correction.threshold={corr.threshold} is a log-prob, so it must be <= 0")
-        if corr.sft_weight < 0 or corr.temperature < 0:
-            raise ConfigError("correction.sft_weight and correction.temperature must be >= 0")
+def check_async(cfg: OPDConfig) -> None:
+    """pipeline.mode=async trains on samples generated `depth` rounds earlier, beside the learner."""
+    if cfg.mode != "on_policy":
+        raise ConfigError("pipeline.mode=async overlaps student generation with learning: it needs mode=on_policy")
+    lag = cfg.pipeline.depth * cfg.learner.mini_batches
+    if cfg.buffer.max_staleness < lag:
+        raise ConfigError(
+            f"pipeline.mode=async with pipeline.depth={cfg.pipeline.depth} trains on samples that many rounds "
+            f"old, {lag} policy versions (learner.mini_batches={cfg.learner.mini_batches}, one per optimizer "
+            f"step): buffer.max_staleness={cfg.buffer.max_staleness} must be at least that"
+        )
+    if cfg.rollout.colocate:
+        raise ConfigError("rollout.colocate puts the engines to sleep while the learner steps: use pipeline.mode=sync")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

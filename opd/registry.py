@@ -1,4 +1,4 @@
-"""Named registries (losses, combination rules, verifiers): config picks an entry by name.
+"""Named registries (loss types, combination rules, verifiers): config picks an entry by name.
 
 A duplicate name is an error rather than a silent override, and an unknown name is answered
 with the valid ones, so a typo in a sweep fails before any actor starts.
@@ -17,16 +17,15 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
+    def add(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator adding an entry under `name`."""
-
-        def add(entry: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._entries[name] = entry
-            return entry
-
-        return add
+        return lambda entry: self.add(name, entry)
 
     def get(self, name: str) -> T:
         try:

@@ -114,6 +114,24 @@ def test_combine_rules_match_the_registry():
     assert sorted(COMBINE_RULES) == sorted([*RULES.names(), *SELECTING])
 
 
+def test_every_declared_loss_type_has_an_objective_and_no_other():
+    from opd.learner.loss_types import LOSS_TYPES
+    from opd.learner.objective import OBJECTIVES, implements
+
+    assert OBJECTIVES.names() == LOSS_TYPES.names()
+    with pytest.raises(KeyError, match="reverse_kl"):
+        implements("forward_kl")
+
+
+def test_loss_type_and_mode_agree_as_declared():
+    from opd.learner.loss_types import LOSS_TYPES
+
+    for name in LOSS_TYPES.names():
+        wrong = "on_policy" if LOSS_TYPES.get(name).mode == "offline" else "offline"
+        with pytest.raises(ConfigError, match=rf"^(mode=offline trains|loss\.type={name} imitates)"):
+            load_config("default", [f"loss.type={name}", f"mode={wrong}"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -60,7 +60,7 @@ def test_product_of_experts_of_two_sizes_with_a_verifier(tiny_assets, tmp_path):
         assert r["judge/scored_fraction"] == 1.0 and r["judge/mean_score"] >= 0
     student = Path(final["student_path"])
     record = json.loads((student / "provenance.json").read_text())
-    assert [t["licence"]["id"] for t in record["teachers"]] == ["apache-2.0", "mit"]
+    assert [t["license"]["id"] for t in record["teachers"]] == ["apache-2.0", "mit"]
     assert sum(t["signal_share"] for t in record["teachers"]) == pytest.approx(1.0)
     assert "big" in (student / "DISTILLATION.md").read_text()
 

@@ -1,4 +1,4 @@
-"""Licence gate and provenance record: stdlib only, no Ray, runs in well under a second."""
+"""Licence gate and provenance record: no torch or Ray, runs in well under a second."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ from pathlib import Path
 import pytest
 
 from opd.config import OPDConfig, TeacherConfig
-from opd.provenance import (
-    LICENCES,
-    MISSING,
-    build_provenance,
-    file_sha256,
-    licence_problems,
-    lookup,
-    write_model_card,
-)
+from opd.licenses import LICENSES, LicenseWarning, license_problems, lookup
+from opd.provenance import MISSING, build_provenance, file_sha256, write_model_card
 
 
 def two_teachers(**second) -> OPDConfig:
@@ -45,46 +38,55 @@ def provenance_for(cfg: OPDConfig, tmp_path: Path, **kw) -> dict:
     return build_provenance(cfg, **(args | kw))
 
 
-def test_table_covers_the_common_licences_with_lowercase_ids():
+def test_table_covers_the_common_licenses_with_lowercase_ids():
     for lid in ("apache-2.0", "mit", "cc-by-nc-4.0", "llama2", "llama3.3", "llama4", "gemma", "qwen", "deepseek"):
-        assert lid in LICENCES
-    assert all(key == key.lower() == lic.id for key, lic in LICENCES.items())
-    assert LICENCES["llama2"].restricts_training and LICENCES["proprietary-api"].restricts_training
-    assert not LICENCES["llama3.1"].restricts_training and "Llama" in LICENCES["llama3.1"].notice
-    assert lookup(" Apache-2.0 ") is LICENCES["apache-2.0"] and lookup("wtfpl-9") is None
+        assert lid in LICENSES
+    assert all(key == key.lower() == lic.id for key, lic in LICENSES.items())
+    assert LICENSES["llama2"].restricts_training and LICENSES["proprietary-api"].restricts_training
+    assert not LICENSES["llama3.1"].restricts_training and "Llama" in LICENSES["llama3.1"].notice
+    assert lookup(" Apache-2.0 ") is LICENSES["apache-2.0"] and lookup("wtfpl-9") is None
 
 
-@pytest.mark.parametrize("licence", ["llama2", "proprietary-api", "Llama2"])
-def test_restricted_licence_without_accept_terms_is_refused(licence):
+@pytest.mark.parametrize("license_id", ["llama2", "proprietary-api", "Llama2"])
+def test_restricted_license_without_accept_terms_is_refused(license_id):
     first = TeacherConfig(name="big", model="org/big", license="apache-2.0")
-    errors, _ = licence_problems([first, TeacherConfig(name="api", model="org/api", license=licence)])
+    errors, _ = license_problems([first, TeacherConfig(name="api", model="org/api", license=license_id)])
     assert len(errors) == 1
-    assert f"teachers.1.license={licence}" in errors[0]
+    assert f"teachers.1.license={license_id}" in errors[0]
     assert "teachers.1.accept_terms=" in errors[0]
 
 
 def test_accept_terms_lets_a_restricted_teacher_run_with_a_warning_and_is_recorded(tmp_path):
     why = "the student is a Llama 2 derivative"
     cfg = two_teachers(license="llama2", accept_terms=why)
-    errors, warnings = licence_problems(cfg.teachers)
+    errors, warnings = license_problems(cfg.teachers)
     assert errors == []
     assert any("teachers.1.license=llama2" in w and why in w for w in warnings)
     record = provenance_for(cfg, tmp_path)
     assert record["teachers"][1]["accept_terms"] == why
-    assert record["teachers"][1]["licence"]["restricts_training"] is True
+    assert record["teachers"][1]["license"]["restricts_training"] is True
 
 
 def test_unknown_id_warns_naming_it_and_unspecified_warns_but_builtin_does_not():
     cfg = two_teachers(license="wtfpl-9")
-    errors, warnings = licence_problems(cfg.teachers)
+    errors, warnings = license_problems(cfg.teachers)
     assert errors == [] and len(warnings) == 1 and "teachers.1.license=wtfpl-9" in warnings[0]
-    errors, warnings = licence_problems(two_teachers(license="unspecified").teachers)
+    errors, warnings = license_problems(two_teachers(license="unspecified").teachers)
     assert errors == [] and len(warnings) == 1 and "teachers.1.license" in warnings[0]
-    assert licence_problems(OPDConfig().teachers) == ([], [])  # built-in teacher: made here, nobody's terms
+    assert license_problems(OPDConfig().teachers) == ([], [])  # built-in teacher: made here, nobody's terms
 
 
-def test_permissive_licences_raise_nothing():
-    assert licence_problems(two_teachers(license="mit").teachers) == ([], [])
+def test_the_config_issues_the_gate_warnings_once():
+    from opd.config import load_config
+
+    with pytest.warns(LicenseWarning) as caught:
+        load_config("default", ["teachers.0.license=wtfpl-9"])
+    notes = [str(w.message) for w in caught if issubclass(w.category, LicenseWarning)]
+    assert len(notes) == 1 and "teachers.0.license=wtfpl-9" in notes[0]
+
+
+def test_permissive_licenses_raise_nothing():
+    assert license_problems(two_teachers(license="mit").teachers) == ([], [])
 
 
 def test_signal_share_is_normalised(tmp_path):
@@ -107,12 +109,12 @@ def test_provenance_records_paths_data_dates_notices_and_config(tmp_path):
     record = provenance_for(cfg, tmp_path)
     big, meta = record["teachers"]
     assert big["path"] == "/models/big" and meta["path"] == "meta-llama/Llama-3.1-8B"  # default: the model id
-    assert big["licence"]["id"] == "apache-2.0" and big["source"] == "hub:org/big@abc123"
-    assert meta["licence"]["url"] == LICENCES["gemma"].url
+    assert big["license"]["id"] == "apache-2.0" and big["source"] == "hub:org/big@abc123"
+    assert meta["license"]["url"] == LICENSES["gemma"].url
     assert record["data"]["train"]["sha256"] == file_sha256(tmp_path / "train.jsonl")
     assert record["data"]["eval"]["sha256"] == MISSING
     assert record["dates"] == {"started": "2025-01-01T00:00:00+00:00", "finished": "2025-01-01T01:00:00+00:00"}
-    assert record["notices"] == [LICENCES["gemma"].notice]
+    assert record["notices"] == [LICENSES["gemma"].notice]
     assert record["config"]["loss"]["type"] == cfg.loss.type and len(record["config"]["teachers"]) == 2
 
 
@@ -123,7 +125,7 @@ def test_notices_are_deduplicated(tmp_path):
             TeacherConfig(name="b", model="org/b", license="Gemma"),
         ]
     )
-    assert provenance_for(cfg, tmp_path, teacher_paths={})["notices"] == [LICENCES["gemma"].notice]
+    assert provenance_for(cfg, tmp_path, teacher_paths={})["notices"] == [LICENSES["gemma"].notice]
 
 
 def test_write_model_card_writes_both_files_atomically(tmp_path):
@@ -142,7 +144,7 @@ def test_write_model_card_writes_both_files_atomically(tmp_path):
     assert json.loads((out / "provenance.json").read_text()) == record
     card = (out / "DISTILLATION.md").read_text()
     for name in ("big", "api", "mystery"):
-        lic = LICENCES.get(next(t.license for t in cfg.teachers if t.name == name))
+        lic = LICENSES.get(next(t.license for t in cfg.teachers if t.name == name))
         assert f"`{lic.id if lic else 'wtfpl-9'}`" in card
     assert "Llama 3.3 Community License Agreement" in card and "50.0%" in card
     for notice in record["notices"]:

@@ -9,7 +9,9 @@ import numpy as np
 
 from opd.buffer import spill
 from opd.buffer.sample import Sample, Samples
-from opd.config import BUFFER_ORDERS
+
+ORDERS = ("fifo", "disagreement")
+"""Every `buffer.order` (see `ReplayBuffer`); config validation reads them here."""
 
 
 def disagreement(s: Sample) -> float:
@@ -33,8 +35,8 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, max_staleness: int, order: str = "fifo") -> None:
-        if order not in BUFFER_ORDERS:
-            raise ValueError(f"buffer.order={order!r}; valid: {', '.join(BUFFER_ORDERS)}")
+        if order not in ORDERS:
+            raise ValueError(f"buffer.order={order!r}; valid: {', '.join(ORDERS)}")
         self.items: deque[Sample] = deque()
         self.capacity, self.max_staleness, self.order = capacity, max_staleness, order
         self.evicted = 0

@@ -1,7 +1,8 @@
 """Named training objectives: each turns (student logits, batch) into a loss.
 
 The learner is algorithm-blind: it computes logits and calls the objective named by
-`loss.type`. Objectives only combine the pure functions in `opd.losses`.
+`loss.type`. Objectives only combine the pure functions in `opd.losses`. Each implements a name
+declared, torch-free, in `opd.learner.loss_types` (which config validation reads).
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from collections.abc import Callable
 import torch
 
 from opd import losses
+from opd.learner.loss_types import LOSS_TYPES
 from opd.registry import Registry
 
 Objective = Callable[[torch.Tensor, dict[str, torch.Tensor], object, float], tuple[torch.Tensor, dict[str, float]]]
 OBJECTIVES: Registry[Objective] = Registry("loss.type")
+
+
+def implements(name: str) -> Callable[[Objective], Objective]:
+    """Register the objective of a declared loss type; an undeclared name fails here, listing the declared ones."""
+    LOSS_TYPES.get(name)
+    return OBJECTIVES.register(name)
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -25,7 +33,7 @@ def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
-@OBJECTIVES.register("reverse_kl")
+@implements("reverse_kl")
 def reverse_kl(logits, batch, cfg, temperature):
     """On-policy distillation: per-token reverse KL to the teacher as the advantage of an IS policy gradient."""
     mask = batch["mask"]
@@ -67,7 +75,7 @@ def _off_policy_mask(logits, batch, cfg, temperature) -> tuple[torch.Tensor, dic
     }
 
 
-@OBJECTIVES.register("jsd")
+@implements("jsd")
 def jsd(logits, batch, cfg, temperature):
     """Generalized JSD (GKD) between student and teacher over the teacher's top-k ids plus the rest of the mass."""
     mask, metrics = _off_policy_mask(logits, batch, cfg, temperature)
@@ -79,7 +87,7 @@ def jsd(logits, batch, cfg, temperature):
     return loss, {"jsd": float(loss.detach()), **metrics}
 
 
-@OBJECTIVES.register("topk_kl")
+@implements("topk_kl")
 def topk_kl(logits, batch, cfg, temperature):
     """Forward KL on the teacher's top-k with the remaining mass in one bucket."""
     mask, metrics = _off_policy_mask(logits, batch, cfg, temperature)
@@ -87,7 +95,7 @@ def topk_kl(logits, batch, cfg, temperature):
     return loss, {"topk_kl": float(loss.detach()), **metrics}
 
 
-@OBJECTIVES.register("sft")
+@implements("sft")
 def sft(logits, batch, cfg, temperature):
     """Cross-entropy on teacher-written tokens (offline KD, corrections)."""
     loss = losses.sft_on_teacher(logits, _targets(batch), batch["mask"])
