@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opd.data import last_number_correct
+from opd.grading import math_verdict
 from opd.registry import Registry
 
 Verifier = Callable[[str, str | None, Mapping[str, object]], float | None]
@@ -44,6 +45,14 @@ def exact_answer(response: str, answer: str | None, fields: Mapping[str, object]
     if answer is None:
         return None
     return 1.0 if last_number_correct(response, answer) else 0.0
+
+
+@VERIFIERS.register("math")
+def math_answer(response: str, answer: str | None, fields: Mapping[str, object]) -> float | None:
+    """1.0 when the response's answer (`\\boxed{}` first) equals the reference mathematically (opd.grading),
+    None without a readable reference."""
+    verdict = math_verdict(response, answer)
+    return None if verdict is None else float(verdict)
 
 
 @VERIFIERS.register("contains_answer")
