@@ -1,4 +1,4 @@
-"""Answer checking for evaluation and judges: named answer rules, a math-aware rule and pass@k.
+"""Answer checking for judges and evaluation: a math-aware answer rule (the `math` verifier) and pass@k.
 
 `math` reads answers the way math datasets write them (`\\boxed{\\frac{1}{2}}`, `0.5`, `1,234`, `x = 12`)
 through HF's math-verify, which parses both sides to SymPy and compares them. math-verify bounds its own
@@ -17,17 +17,10 @@ import select
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-from opd.data import last_number_correct
-from opd.registry import Registry
-
-AnswerRule = Callable[[str, str | None], bool]
-"""(response text, reference answer or None) -> whether the response's answer is the reference."""
 
 TIMEOUT_S = 5
 """math-verify's own limit (whole seconds, SIGALRM) for each parse and for the comparison."""
@@ -61,6 +54,10 @@ def _verdict_here(response: str, answer: str) -> bool | None:
     return bool(got) and verify(list(reference), got, timeout_seconds=TIMEOUT_S)
 
 
+READY = b"ready\n"
+"""The child's first line, once math-verify is imported."""
+
+
 class _Child:
     """One long-lived `python -m opd.grading` process answering JSON lines; killed and restarted on a miss."""
 
@@ -77,6 +74,11 @@ class _Child:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "opd.grading"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
                 )
+                # Start-up (importing SymPy: seconds on a busy machine) is not the verdict's time: the deadline
+                # starts once the child says it is ready.
+                if self.proc.stdout.readline() != READY:
+                    self.close()
+                    raise RuntimeError("the math-verify child process died while starting")
             proc = self.proc
             try:
                 proc.stdin.write(json.dumps([response, answer]).encode() + b"\n")
@@ -118,11 +120,6 @@ def math_correct(response: str, answer: str | None) -> bool:
     return math_verdict(response, answer) is True
 
 
-ANSWER_RULES: Registry[AnswerRule] = Registry("answer rule")
-ANSWER_RULES.register("last_number")(last_number_correct)
-ANSWER_RULES.register("math")(math_correct)
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
 
@@ -138,6 +135,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def _serve() -> None:
     """The child's loop: one `[response, answer]` JSON line in, one verdict line out, on its main thread."""
+    sys.stdout.write(READY.decode())
+    sys.stdout.flush()
     for line in sys.stdin.buffer:
         response, answer = json.loads(line)
         sys.stdout.write(json.dumps(_verdict_here(response, answer)) + "\n")

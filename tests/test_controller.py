@@ -44,7 +44,7 @@ class FakeWorker:
         self.generate = Call(self, self._generate)
         self.ready = Call(self, lambda: self.version)
 
-    def _generate(self, ids, meta, n, max_tokens, temperature, seed):
+    def _generate(self, ids, meta, n, max_tokens, temperature, seed, top_p):
         """Samples made now, with the weights held now (as a vLLM engine does for a launch)."""
         out = [
             Sample(np.asarray(p), np.asarray([seed or 0, k]), np.zeros(2, np.float32), self.version, **m)
@@ -70,8 +70,8 @@ class FakeRollout(RolloutGroup):
     def spawn(self) -> list:
         return [FakeWorker() for _ in range(self.cfg.rollout.num_workers)]
 
-    def launch(self, prompts, n, temperature, seed):
-        out = super().launch(prompts, n, temperature, seed)
+    def launch(self, prompts, n, temperature, seed, top_p=1.0):
+        out = super().launch(prompts, n, temperature, seed, top_p)
         self.launches += 1
         if self.launches == self.kill_after:
             self.workers[0].dead = True  # dies after generating: the samples never reach the driver

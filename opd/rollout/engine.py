@@ -113,11 +113,13 @@ def sample(
     temperature: float,
     seed: int | None,
     stop_ids: list[int],
+    top_p: float = 1.0,
 ):
     """Sample `n` continuations per prompt. Returns, per prompt, n (token ids, log-probs) pairs.
 
     Log-probs are those of the distribution actually sampled from (temperature applied, nothing truncated: top_k 0,
-    top_p 1; the engine runs with `logprobs_mode=processed_logprobs`); greedy when temperature is 0. A response
+    top_p 1; the engine runs with `logprobs_mode=processed_logprobs`); greedy when temperature is 0. Only
+    evaluation's pass@k samples truncate (`eval.top_p`), and nothing trains on their log-probs. A response
     ends with the first of `stop_ids` (`stop_token_ids(model)`), which it keeps.
     """
     from vllm import SamplingParams
@@ -127,7 +129,7 @@ def sample(
         max_tokens=max_tokens,
         temperature=temperature,
         top_k=0,
-        top_p=1.0,
+        top_p=top_p,
         stop_token_ids=list(stop_ids),
         logprobs=0,
         seed=seed,

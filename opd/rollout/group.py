@@ -23,7 +23,7 @@ class Launch:
 
     prompts: list[Encoded]
     args: tuple
-    """(n, temperature, seed) of the launch, to re-issue it after a worker died."""
+    """(n, temperature, seed, top_p) of the launch, to re-issue it after a worker died."""
     refs: list
     samples: list[Sample] | None = None
     busy_s: float = 0.0
@@ -94,7 +94,9 @@ class RolloutGroup:
     def wake_up(self) -> None:
         ray.get([w.wake_up.remote() for w in self.workers])
 
-    def launch(self, prompts: list[Encoded], n: int, temperature: float, seed: int | None) -> Launch:
+    def launch(
+        self, prompts: list[Encoded], n: int, temperature: float, seed: int | None, top_p: float = 1.0
+    ) -> Launch:
         """Start generating, prompts spread evenly over the workers; `collect` waits for it."""
         parts = chunks(prompts, len(self.workers))
         refs = []
@@ -105,8 +107,8 @@ class RolloutGroup:
             # Non-negative: vLLM treats a negative seed as "unseeded", which made eval samples (seed -1) random.
             s = None if seed is None else (self.cfg.seed * 1_000_003 + seed * len(self.workers) + i) % 2**31
             max_tokens = self.cfg.rollout.max_new_tokens
-            refs.append(w.generate.remote([e.ids for e in part], meta, n, max_tokens, temperature, s))
-        return Launch(prompts, (n, temperature, seed), refs, group=self.restarts)
+            refs.append(w.generate.remote([e.ids for e in part], meta, n, max_tokens, temperature, s, top_p))
+        return Launch(prompts, (n, temperature, seed, top_p), refs, group=self.restarts)
 
     def collect(self, launch: Launch, restart: bool = True) -> list[Sample]:
         """The samples of a launch (its busiest worker's seconds land in `launch.busy_s`). A dead worker is
@@ -134,5 +136,7 @@ class RolloutGroup:
                 launch.refs, launch.group = again.refs, again.group
         return launch.samples
 
-    def generate(self, prompts: list[Encoded], n: int, temperature: float, seed: int | None) -> list[Sample]:
-        return self.collect(self.launch(prompts, n, temperature, seed))
+    def generate(
+        self, prompts: list[Encoded], n: int, temperature: float, seed: int | None, top_p: float = 1.0
+    ) -> list[Sample]:
+        return self.collect(self.launch(prompts, n, temperature, seed, top_p))

@@ -44,11 +44,12 @@ class RolloutWorker(Placed):
         max_tokens: int,
         temperature: float,
         seed: int | None,
+        top_p: float = 1.0,
     ) -> tuple[list[Sample], float]:
         """n samples per prompt (`meta[i]`, e.g. the prompt index, rides along with prompt i), and the seconds
         the engine was busy (the pipeline's stage timing)."""
         t0 = time.perf_counter()
-        outs = vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
+        outs = vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids, top_p)
         samples = []
         for p, m, pairs in zip(prompt_ids, meta, outs, strict=True):
             for ids, lps in pairs:

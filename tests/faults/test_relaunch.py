@@ -32,10 +32,10 @@ class Fake:
     def replace(self) -> None:
         self.restarts += 1
 
-    def launch(self, prompts, n, temperature, seed) -> Launch:
+    def launch(self, prompts, n, temperature, seed, top_p=1.0) -> Launch:
         self.launches.append((seed, self.restarts))
         dies = len(self.launches) <= self.deaths_per_launch
-        return Launch(prompts, (n, temperature, seed), [DEAD if dies else seed], group=self.restarts)
+        return Launch(prompts, (n, temperature, seed, top_p), [DEAD if dies else seed], group=self.restarts)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def fake_get(monkeypatch):
 
 
 def in_flight(seed: int) -> Launch:
-    return Launch([], (4, 1.0, seed), [DEAD], group=0)
+    return Launch([], (4, 1.0, seed, 1.0), [DEAD], group=0)
 
 
 def test_rounds_in_flight_on_a_replaced_group_are_reissued_without_a_second_replacement():
