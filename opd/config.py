@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -209,15 +209,29 @@ class CorrectionConfig:
 @dataclass
 class DataConfig:
     train: str = f"{BUILTIN}addition/train"
-    """JSONL file with a `prompt` field per line (and optional `answer`)."""
+    """Prompt file: .jsonl, .json (an array of rows), .parquet, or a datasets save_to_disk directory (DIR:SPLIT for
+    a DatasetDict), with a `data.prompt_key` column (and an optional `data.answer_key`)."""
     eval: str = f"{BUILTIN}addition/eval"
     eval_size: int = 128
     """Held-out prompts used for accuracy and reverse KL (the first N of `data.eval`)."""
     on_error: Literal["skip", "fail"] = "fail"
     """What to do with a malformed line: skip it (counted) or stop naming file and line."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt: a string (one user turn) or a list of {role, content} messages."""
+    answer_key: str = "answer"
+    """Column holding the optional reference answer; every other column reaches routing and verifiers."""
+    chat_template: str = "auto"
+    """auto (the student tokenizer's template when it has one, else raw text), none (raw text), or a Jinja file."""
+    system_prompt: str | None = None
+    """System turn added to conversations that have none (needs a chat template)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3."""
 
     def __post_init__(self) -> None:
         at_least_one("data", self, "eval_size")
+        if self.chat_template == "none" and (self.system_prompt or self.chat_template_kwargs):
+            used = "data.system_prompt" if self.system_prompt else "data.chat_template_kwargs"
+            raise ConfigError(f"{used} needs a chat template, but data.chat_template=none passes prompts as raw text")
 
 
 @dataclass
@@ -520,6 +534,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def check_paths(cfg: OPDConfig) -> None:
     """Local paths must exist; `builtin:` names are built later; `org/name` may be a hub id."""
+    from opd.data.files import source_problem  # here: loading a config needs no jinja2 (opd.data imports it)
+
     models = {"student.model": cfg.student.model}
     models |= {f"teachers.{i}.model": t.model for i, t in enumerate(cfg.teachers)}
     for key, value in models.items():
@@ -535,8 +551,10 @@ def check_paths(cfg: OPDConfig) -> None:
         if value.startswith(BUILTIN):
             if value.removeprefix(BUILTIN) not in ("addition/train", "addition/eval"):
                 raise ConfigError(f"data.{key}={value}: unknown built-in; use builtin:addition/train or /eval")
-        elif not Path(value).is_file():
-            raise ConfigError(f"data.{key}={value}: no such file")
+        elif problem := source_problem(value):
+            raise ConfigError(f"data.{key}={value}: {problem}")
+    if cfg.data.chat_template not in ("auto", "none") and not Path(cfg.data.chat_template).is_file():
+        raise ConfigError(f"data.chat_template={cfg.data.chat_template}: no such file (auto, none or a Jinja file)")
 
 
 def resolve_config_file(name: str) -> Path:

@@ -1,0 +1,25 @@
+"""Prompt data, one job per module: `files` reads a file's rows (JSONL, JSON, Parquet, a saved `datasets`
+directory), `prompts` turns rows into Prompts (the prompt and answer columns, conversations), `encoding` renders
+them with the student's chat template, tokenizes and routes them; `answers` checks reference answers.
+"""
+
+from opd.data.answers import final_answer, last_number_correct
+from opd.data.encoding import ChatFormat, Encoded, encode
+from opd.data.files import FORMATS, DataError, source_problem
+from opd.data.prompts import MAX_NAMED_SKIPS, ON_ERROR, Prompt, SkippedLine, load_prompts
+
+__all__ = [
+    "FORMATS",
+    "MAX_NAMED_SKIPS",
+    "ON_ERROR",
+    "ChatFormat",
+    "DataError",
+    "Encoded",
+    "Prompt",
+    "SkippedLine",
+    "encode",
+    "final_answer",
+    "last_number_correct",
+    "load_prompts",
+    "source_problem",
+]

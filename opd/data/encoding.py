@@ -1,0 +1,133 @@
+"""Prompts as the student reads them: rendered with a chat template (or raw), tokenized, routed to a teacher.
+
+`data.chat_template`: `auto` renders with the student tokenizer's own template when it has one (raw text when it
+has none, as the built-in task's tokenizer), `none` always passes the raw text, anything else is a Jinja file.
+A rendered prompt ends with the generation prompt (the assistant turn's header) and is tokenized with
+`add_special_tokens=False`: the template writes every special token it wants, so a BOS it writes is not doubled
+(`apply_chat_template(tokenize=True)` and vLLM's chat endpoint do the same). Raw text is tokenized as before
+chat templates existed here (`tokenizer.encode(text)`), so the built-in task's prompt ids did not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jinja2
+
+from opd.data.files import DataError
+from opd.data.prompts import Prompt
+
+if TYPE_CHECKING:
+    from opd.config import DataConfig
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass
+class Encoded:
+    """A prompt as the student's tokenizer reads it, and the teacher it is assigned to."""
+
+    prompt: Prompt
+    ids: list[int]
+    teacher: str | None = None
+    """The teacher this prompt is routed to (combine.rule=route, or best_of once judged), else None."""
+
+
+class ChatFormat:
+    """Prompt -> student token ids under `data.chat_template`, `data.system_prompt` and `data.chat_template_kwargs`.
+
+    Settings that cannot apply (a missing or malformed Jinja file; a system prompt or template arguments with no
+    template to take them) are a `DataError` here, before any prompt is encoded.
+    """
+
+    def __init__(self, tokenizer, data: DataConfig) -> None:
+        self.tokenizer, self.key, self.system_prompt = tokenizer, data.prompt_key, data.system_prompt
+        self.kwargs = dict(data.chat_template_kwargs)
+        self.template: str | None = None
+        self.raw_reason = "data.chat_template=none"
+        """Why prompts are raw text, for messages (when `template` is None)."""
+        if data.chat_template == "auto":
+            self.template = getattr(tokenizer, "chat_template", None) or None
+            self.raw_reason = "data.chat_template=auto and the student tokenizer has no chat template"
+        elif data.chat_template != "none":
+            if not Path(data.chat_template).is_file():
+                raise DataError(f"data.chat_template={data.chat_template}: no such file (auto, none or a Jinja file)")
+            self.template = Path(data.chat_template).read_text(encoding="utf-8")
+            if not self.template.strip():
+                raise DataError(f"data.chat_template={data.chat_template}: the file is empty")
+        if self.template is None and (self.system_prompt or self.kwargs):
+            used = "data.system_prompt" if self.system_prompt else "data.chat_template_kwargs"
+            raise DataError(f"{used} is set, but prompts are raw text: {self.raw_reason}")
+        if self.template is not None:
+            try:  # a syntax error would otherwise surface once per prompt
+                jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(self.template)
+            except jinja2.TemplateSyntaxError as err:
+                raise DataError(f"data.chat_template={data.chat_template}: {err.message} (line {err.lineno})") from None
+
+    def ids(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids; a `DataError` without the row's name when this prompt cannot be rendered."""
+        if self.template is None:
+            if prompt.messages:
+                raise DataError(
+                    f"`{self.key}` is a list of messages, but {self.raw_reason}; a conversation needs a chat template "
+                    "(data.chat_template=auto with a tokenizer that has one, or a Jinja file)"
+                )
+            return list(self.tokenizer.encode(prompt.text))
+        messages = list(prompt.conversation)
+        if self.system_prompt and not any(m["role"] in SYSTEM_ROLES for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=True, **self.kwargs
+            )
+        except jinja2.TemplateError as err:
+            raise DataError(f"the chat template refused `{self.key}`: {err}") from None
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode(
+    tokenizer,
+    prompts: list[Prompt],
+    limit: int,
+    source: str,
+    route: Callable[[Prompt], str] | None = None,
+    on_error: str = "fail",
+    data: DataConfig | None = None,
+) -> tuple[list[Encoded], int]:
+    """Render and tokenize prompts (and route each to a teacher). Returns them and how many were skipped.
+
+    `data` gives the chat settings (`DataConfig`'s defaults when None). A prompt with no room for a response is
+    an error naming file and row, or skipped and counted with `data.on_error=skip`; a prompt the chat template
+    cannot render or an unroutable one is always an error (it means wrong settings, not one bad row).
+    """
+    if data is None:
+        from opd.config import DataConfig
+
+        data = DataConfig()
+    chat = ChatFormat(tokenizer, data)
+    out, skipped = [], 0
+    for p in prompts:
+        where = p.where or (f"{source}:{p.line}" if p.line > 0 else f"{source}: prompt #{p.index + 1}")
+        try:
+            ids = chat.ids(p)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        if len(ids) > limit:
+            if on_error == "skip":
+                skipped += 1
+                continue
+            raise DataError(
+                f"{where}: prompt is {len(ids)} tokens; with rollout.max_new_tokens the limit is {limit} "
+                "(raise rollout.engine.max_model_len, shorten it, or set data.on_error=skip)"
+            )
+        try:
+            teacher = route(p) if route else None
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+        out.append(Encoded(p, ids, teacher))
+    if not out:
+        raise DataError(f"{source}: no prompt fits the context ({skipped} too long)")
+    return out, skipped
