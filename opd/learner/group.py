@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 from opd import plan
@@ -14,11 +16,37 @@ class LearnerDied(RuntimeError):
     """A learner shard's actor died: the step cannot complete; the run restarts from its last checkpoint."""
 
 
-def _get(refs: list) -> list:
-    """ray.get for learner calls: a dead shard becomes `LearnerDied` as soon as it is seen.
+PING_TIMEOUT_S = 30.0
+"""How long `any_dead` waits for the shards' answers: a dead shard's ping fails within seconds (once Ray has seen
+the process go); a live one may be busy for longer, still working through the call's queued steps."""
+
+
+def any_dead(probes: list, timeout_s: float) -> bool:
+    """Whether any actor behind `probes` (one cheap call per shard) has died: its call fails with RayActorError.
+
+    A live shard answers, or is still busy when `timeout_s` is up (perhaps blocked in a collective with the dead
+    one) and counts as alive; a dead one's failure is looked for as soon as each answer arrives.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = list(probes)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return False
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError:
+            return True
+    return False
+
+
+def gather(refs: list, shards: list) -> list:
+    """ray.get for a call to every shard in `shards`: a step in which a shard died raises `LearnerDied`.
 
     Results are awaited one at a time because the surviving shards of a step block in a collective with
-    the dead one; waiting for all of them would hang until the collective's timeout.
+    the dead one; waiting for all of them would hang until the collective's timeout. The first failure may
+    be a survivor's (its collective's peer is gone: e.g. gloo's "Connection reset by peer") rather than the
+    dead shard's, so any other error is raised as itself only once every shard is seen alive.
     """
     pending = list(refs)
     while pending:
@@ -27,6 +55,10 @@ def _get(refs: list) -> list:
             ray.get(ready)
         except ray.exceptions.RayActorError as err:
             raise LearnerDied(f"a learner shard died ({type(err).__name__})") from err
+        except Exception as err:
+            if any_dead([s.__ray_ready__.remote() for s in shards], PING_TIMEOUT_S):
+                raise LearnerDied(f"a learner shard died ({type(err).__name__} on a survivor first)") from err
+            raise
     return ray.get(refs)
 
 
@@ -57,8 +89,15 @@ class LearnerGroup:
             )
             for rank in range(n)
         ]
-        address, port = ray.get(self.shards[0].rendezvous.remote())
-        ray.get([s.setup.remote(address, port, samples_per_step // n) for s in self.shards])
+        address, port = self.rendezvous()
+        self.on_all("setup", address, port, samples_per_step // n)
+
+    def on_all(self, method: str, *args) -> list:
+        """`method(*args)` called on every shard; their results in rank order (see `gather`)."""
+        return gather([getattr(s, method).remote(*args) for s in self.shards], self.shards)
+
+    def rendezvous(self) -> tuple[str, int]:
+        return gather([self.shards[0].rendezvous.remote()], self.shards)[0]
 
     def train(self, mini_batches: list[list[Sample]]) -> list[dict[str, float]]:
         """One optimizer step per mini-batch, each split evenly across shards; the metrics of each step.
@@ -72,23 +111,23 @@ class LearnerGroup:
             for mb in mini_batches
             for s, p in zip(self.shards, chunks(mb, n), strict=True)
         ]
-        results = _get(refs)
+        results = gather(refs, self.shards)
         return [mean_metrics(results[i * n : (i + 1) * n]) for i in range(len(mini_batches))]
 
     def connect_rollout(self, rollout_handles: list, ranks_per_engine: int, backend: str) -> None:
         """Form the weight-transfer group: learner rank 0 plus every rank of every rollout engine."""
-        address, port = ray.get(self.shards[0].rendezvous.remote())
+        address, port = self.rendezvous()
         world = 1 + ranks_per_engine * len(rollout_handles)
-        ray.get([s.init_weight_transfer.remote(address, port, world, rollout_handles, backend) for s in self.shards])
+        self.on_all("init_weight_transfer", address, port, world, rollout_handles, backend)
 
     def send_weights(self) -> dict[str, float]:
-        return _get([s.send_weights.remote() for s in self.shards])[0]
+        return self.on_all("send_weights")[0]
 
     def save_state(self, path: str) -> None:
-        _get([s.save_state.remote(path) for s in self.shards])
+        self.on_all("save_state", path)
 
     def load_state(self, path: str) -> int:
-        return _get([s.load_state.remote(path) for s in self.shards])[0]
+        return self.on_all("load_state", path)[0]
 
     def save(self, path: str) -> None:
-        ray.get([s.save.remote(path) for s in self.shards])
+        self.on_all("save", path)
