@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -93,14 +94,20 @@ def run(cfg) -> dict:
         f.write(to_yaml(cfg))
     student = resolve(cfg.student.model, cfg.cache_dir)
     teachers = {t.name: resolve(t.model, cfg.cache_dir) for t in cfg.teachers}
-    data_files = {"train": resolve(cfg.data.train, cfg.cache_dir), "eval": resolve(cfg.data.eval, cfg.cache_dir)}
+    eval_files = {name: resolve(path, cfg.cache_dir) for name, path in cfg.data.eval_sets().items()}
+    data_files = {"train": resolve(cfg.data.train, cfg.cache_dir)}
+    data_files |= {f"eval:{name}" if name else "eval": path for name, path in eval_files.items()}
+    data = cfg.data
+    load = partial(load_prompts, on_error=data.on_error, prompt_key=data.prompt_key, answer_key=data.answer_key)
     try:
-        train, skipped_train = load_prompts(data_files["train"], cfg.data.on_error)
-        evals, skipped_eval = load_prompts(data_files["eval"], cfg.data.on_error)
+        train, skipped_train = load(data_files["train"])
+        loaded = {name: load(path) for name, path in eval_files.items()}
     except DataError as err:
         sys.exit(f"data error: {err}")
+    evals = {name: prompts for name, (prompts, _) in loaded.items()}
+    skipped_eval = sum(skipped for _, skipped in loaded.values())
     if skipped_train or skipped_eval:
-        print(f"skipped {skipped_train} train and {skipped_eval} eval lines (data.on_error=skip)", flush=True)
+        print(f"skipped {skipped_train} train and {skipped_eval} eval rows (data.on_error=skip)", flush=True)
 
     restarts = cfg.faults.learner_resumes
     while True:
@@ -137,13 +144,13 @@ def driver_env_vars(defaults: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in defaults.items() if k not in taken}
 
 
-def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: list, resume) -> dict:
+def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dict[str, list], resume) -> dict:
     """Start Ray and every actor, run (or resume) the rounds, and always shut Ray down."""
     import ray
 
     from opd import checkpoint
     from opd.compat import IncompatibleModels
-    from opd.config import to_dict
+    from opd.config import ConfigError, to_dict
     from opd.data import DataError
     from opd.learner.guard import NonFiniteStep
     from opd.monitoring import Monitor
@@ -171,7 +178,7 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: lis
     )
     try:
         return start(cfg, student, teachers, train, evals, monitor).run(resume)
-    except (DataError, IncompatibleModels, PlanError) as err:
+    except (ConfigError, DataError, IncompatibleModels, PlanError) as err:
         sys.exit(f"error: {err}")
     except NonFiniteStep as err:  # raised on a learner shard; Ray keeps the original as `cause`
         sys.exit(f"error: {getattr(err, 'cause', err)}")

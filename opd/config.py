@@ -206,14 +206,19 @@ class CorrectionConfig:
             raise ConfigError("correction.sft_weight and correction.temperature must be >= 0")
 
 
+_SET_NAME = re.compile(r"[\w.-]+")
+
+
 @dataclass
 class DataConfig:
     train: str = f"{BUILTIN}addition/train"
     """Prompt file: .jsonl, .json (an array of rows), .parquet, or a datasets save_to_disk directory (DIR:SPLIT for
     a DatasetDict), with a `data.prompt_key` column (and an optional `data.answer_key`)."""
-    eval: str = f"{BUILTIN}addition/eval"
+    eval: Any = f"{BUILTIN}addition/eval"
+    """Held-out prompts, in any format `data.train` takes: one file, or named sets `{gsm8k: FILE, held_out: FILE}`,
+    each evaluated and reported on its own (`eval/<set>/...`; a single file's metrics are `eval/...`)."""
     eval_size: int = 128
-    """Held-out prompts used for accuracy and reverse KL (the first N of `data.eval`)."""
+    """Held-out prompts used for accuracy and reverse KL (the first N of each eval set)."""
     on_error: Literal["skip", "fail"] = "fail"
     """What to do with a malformed line: skip it (counted) or stop naming file and line."""
     prompt_key: str = "prompt"
@@ -229,9 +234,21 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         at_least_one("data", self, "eval_size")
+        sets = self.eval_sets()
+        if not sets or not all(isinstance(v, str) for v in sets.values()):
+            raise ConfigError(f"data.eval={self.eval!r} must be a file or a mapping of set names to files")
+        for name in sets:
+            if isinstance(self.eval, dict) and not _SET_NAME.fullmatch(str(name)):
+                raise ConfigError(
+                    f"data.eval.{name}: a set name is letters, digits, '_', '-' or '.' (it names metrics)"
+                )
         if self.chat_template == "none" and (self.system_prompt or self.chat_template_kwargs):
             used = "data.system_prompt" if self.system_prompt else "data.chat_template_kwargs"
             raise ConfigError(f"{used} needs a chat template, but data.chat_template=none passes prompts as raw text")
+
+    def eval_sets(self) -> dict[str, str]:
+        """Set name -> file; the one set of a plain `data.eval` file is unnamed ("")."""
+        return dict(self.eval) if isinstance(self.eval, dict) else {"": self.eval}
 
 
 @dataclass
@@ -340,10 +357,23 @@ class EvalConfig:
     every: int = 5
     """Evaluate every N rounds (and always before the first and after the last)."""
     samples_per_prompt: int = 2
-    """Student samples per eval prompt for the reverse-KL estimate."""
+    """k: student samples per eval prompt, for the reverse-KL estimate and, on prompts with answers, pass@k and
+    mean@k (the unbiased estimators over these k samples)."""
+    temperature: float | None = None
+    """Temperature of the pass@k samples; None: rollout.temperature (then the reverse-KL samples serve)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the pass@k samples (the reverse-KL samples always sample the full distribution)."""
+    verifier: str | None = None
+    """What counts as a correct eval answer: a judge verifier (exact_answer: the last number; math: math-verify,
+    `\\boxed{}` first; contains_answer; `module:function`). None: judge.verifier when judge.kind=verifier, else
+    exact_answer. A response is correct when the verifier scores it 0.5 or more."""
 
     def __post_init__(self) -> None:
-        at_least_one("eval", self, "every")
+        at_least_one("eval", self, "every", "samples_per_prompt")
+        if self.temperature is not None and self.temperature < 0:
+            raise ConfigError(f"eval.temperature={self.temperature} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"eval.top_p={self.top_p} must lie in (0, 1]")
 
 
 @dataclass
@@ -546,13 +576,14 @@ def check_paths(cfg: OPDConfig) -> None:
             raise ConfigError(f"{key}={value}: no such directory, and not a hub id like org/name")
         elif Path(value).exists() and not (Path(value) / "config.json").exists():
             raise ConfigError(f"{key}={value}: directory has no config.json, so it is not a model checkpoint")
-    for key in ("train", "eval"):
-        value = getattr(cfg.data, key)
+    sources = {"data.train": cfg.data.train}
+    sources |= {f"data.eval.{name}" if name else "data.eval": path for name, path in cfg.data.eval_sets().items()}
+    for key, value in sources.items():
         if value.startswith(BUILTIN):
             if value.removeprefix(BUILTIN) not in ("addition/train", "addition/eval"):
-                raise ConfigError(f"data.{key}={value}: unknown built-in; use builtin:addition/train or /eval")
+                raise ConfigError(f"{key}={value}: unknown built-in; use builtin:addition/train or /eval")
         elif problem := source_problem(value):
-            raise ConfigError(f"data.{key}={value}: {problem}")
+            raise ConfigError(f"{key}={value}: {problem}")
     if cfg.data.chat_template not in ("auto", "none") and not Path(cfg.data.chat_template).is_file():
         raise ConfigError(f"data.chat_template={cfg.data.chat_template}: no such file (auto, none or a Jinja file)")
 

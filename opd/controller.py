@@ -17,6 +17,7 @@ from opd import checkpoint
 from opd.buffer.sample import teacher_written
 from opd.config import OPDConfig
 from opd.data import Encoded
+from opd.evaluation import prefix
 from opd.learner.group import mean_metrics
 from opd.monitoring import Monitor
 from opd.partition import chunks
@@ -72,11 +73,11 @@ class Controller:
         cfg = self.cfg
         start = 0
         if resume is None:
-            before = self.evaluator.student()
-            self.monitor.log({**before, "teacher_accuracy": self.evaluator.teacher_accuracy()}, step=0)
+            self.monitor.log(self.evaluator.student() | self.evaluator.teacher_accuracy(), step=0)
         else:
             start = self.restore(resume)
             print(f"resumed from {resume} at round {start}, policy version {self.version}", flush=True)
+        sets = self.evaluator.sets
         bar = tqdm(range(start + 1, cfg.rounds + 1), desc="distilling", unit="round", dynamic_ncols=True)
         bar.update(start)
         for r in bar:
@@ -87,9 +88,8 @@ class Controller:
             self.monitor.log(metrics, step=r)
             if cfg.checkpoint.every and (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
                 self.save_checkpoint(r)
-            bar.set_postfix(
-                {k: f"{metrics[k]:.3g}" for k in ("train/reverse_kl", "eval/student_accuracy") if k in metrics}
-            )
+            shown = {"train/reverse_kl": "kl"} | {f"{prefix(n)}student_accuracy": f"acc{n and f'[{n}]'}" for n in sets}
+            bar.set_postfix({label: f"{metrics[k]:.3g}" for k, label in shown.items() if k in metrics})
         self.schedule.close()
         student_path = os.path.abspath(os.path.join(cfg.output_dir, "student"))
         self.learner.save(student_path)
@@ -165,13 +165,21 @@ class Controller:
         return out | scored.metrics
 
     def summary(self, student_path: str) -> dict:
+        """The run's final figures; the first eval set's at the top level, every set's under `eval_sets`."""
         first, last = self.monitor.history[0], self.monitor.history[-1]
+        per_set = {
+            name: {
+                "teacher_accuracy": first.get(f"{prefix(name)}teacher_accuracy"),
+                "student_accuracy_before": first.get(f"{prefix(name)}student_accuracy"),
+                "student_accuracy_after": last.get(f"{prefix(name)}student_accuracy"),
+                "reverse_kl_before": first[f"{prefix(name)}reverse_kl"],
+                "reverse_kl_after": last[f"{prefix(name)}reverse_kl"],
+            }
+            for name in self.evaluator.sets
+        }
         return {
-            "teacher_accuracy": first.get("teacher_accuracy"),
-            "student_accuracy_before": first.get("eval/student_accuracy"),
-            "student_accuracy_after": last.get("eval/student_accuracy"),
-            "reverse_kl_before": first["eval/reverse_kl"],
-            "reverse_kl_after": last["eval/reverse_kl"],
+            **next(iter(per_set.values())),
+            "eval_sets": per_set,
             "teacher_tokens": self.teacher_tokens,
             "teacher_signal_share": self.signal_share,
             "rounds": self.cfg.rounds,
@@ -225,7 +233,8 @@ class Controller:
             "rng": checkpoint.rng_state(self.rng),
             "history": self.monitor.history,
             "wandb_id": self.monitor.run_id,
-            "assigned": {"train": _assigned(self.train), "eval": _assigned(self.evaluator.prompts)},
+            "assigned": {"train": _assigned(self.train)}
+            | {f"eval:{n}": _assigned(p) for n, p in self.evaluator.sets.items()},
         }
         checkpoint.commit(tmp, state | self.schedule.save(tmp), self.cfg.checkpoint.keep)
 
@@ -240,7 +249,7 @@ class Controller:
         self.version, self.teacher_tokens = state["version"], state["teacher_tokens"]
         self.signal_share, self.order = state["signal_share"], state["order"]
         checkpoint.set_rng_state(self.rng, state["rng"])
-        for name, encoded in (("train", self.train), ("eval", self.evaluator.prompts)):
+        for name, encoded in [("train", self.train), *((f"eval:{n}", p) for n, p in self.evaluator.sets.items())]:
             for index, teacher in state["assigned"][name].items():
                 encoded[int(index)].teacher = teacher
         self.learner.send_weights()

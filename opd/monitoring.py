@@ -24,8 +24,14 @@ _SECRET_VALUE = re.compile(
 _ENV_ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=")
 
 
+_COLUMN_NAMES = {"prompt_key", "answer_key"}
+"""Config keys that name a data column (`data.prompt_key`), not a credential."""
+
+
 def _secret_name(name: str) -> bool:
     """`api_key`, `WANDB_API_KEY`, `hfToken`, `client-secret`, `db_password`: yes. `max_new_tokens`, `top_k`: no."""
+    if name in _COLUMN_NAMES:
+        return False
     parts = [p.lower() for p in _NAME_PARTS.findall(name)]
     return any(p.endswith(_SECRET_ENDINGS) or p in _SECRET_PARTS for p in parts)
 

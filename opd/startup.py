@@ -15,7 +15,7 @@ import ray
 from opd import plan
 from opd.buffer.sharded import ShardedBuffer
 from opd.compat import check_cpu_attention, check_top_k, cross_tokenizer_teachers
-from opd.config import OPDConfig
+from opd.config import ConfigError, OPDConfig
 from opd.controller import Controller
 from opd.data import Prompt, encode
 from opd.evaluation import Evaluator
@@ -36,6 +36,21 @@ def weight_backend(cfg: OPDConfig) -> str:
     return "ipc" if cfg.rollout.colocate else "nccl" if cfg.rollout.gpus_per_worker > 0 else "gloo"
 
 
+def eval_verifier_name(cfg: OPDConfig) -> str:
+    """`eval.verifier`, or the judge's verifier when there is one, else the last-number rule."""
+    if cfg.eval.verifier is not None:
+        return cfg.eval.verifier
+    return cfg.judge.verifier if cfg.judge.kind == "verifier" else "exact_answer"
+
+
+def resolve_verifier(key: str, spec: str) -> judge.Verifier:
+    """Resolved before any actor starts, so a misspelt `module:function` is an error naming the key at once."""
+    try:
+        return judge.get_verifier(spec)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 def _route(combine, prompt: Prompt) -> str:
     return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default)
 
@@ -45,7 +60,7 @@ def start(
     student: str,
     teachers: dict[str, str],
     train: list[Prompt],
-    evals: list[Prompt],
+    evals: dict[str, list[Prompt]],
     monitor: Monitor,
 ) -> Controller:
     """Check, then start every actor of the run (Ray is already up); returns the controller that runs it."""
@@ -55,14 +70,18 @@ def start(
     check_top_k(cfg.loss.top_k, len(tokenizer))
     check_cpu_attention(cfg, student, teachers)
     bridged = cross_tokenizer_teachers(tokenizer, teachers, cfg.combine.rule)
-    # Resolved here, before any actor starts: a misspelt `module:function` is an error within seconds.
-    verifier = judge.get_verifier(cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
+    verifier = resolve_verifier("judge.verifier", cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
+    eval_verifier = resolve_verifier("eval.verifier", eval_verifier_name(cfg))
     limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
     route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
-    train_set, too_long = encode(tokenizer, train, limit, cfg.data.train, route, cfg.data.on_error)
-    eval_set, too_long_eval = encode(
-        tokenizer, evals[: cfg.data.eval_size], limit, cfg.data.eval, route, cfg.data.on_error
-    )
+    data = cfg.data
+    train_set, too_long = encode(tokenizer, train, limit, data.train, route, data.on_error, data)
+    eval_sets, too_long_eval = {}, 0
+    for name, source in data.eval_sets().items():
+        eval_sets[name], skipped = encode(
+            tokenizer, evals[name][: data.eval_size], limit, source, route, data.on_error, data
+        )
+        too_long_eval += skipped
     if too_long or too_long_eval:
         print(f"skipped {too_long} train and {too_long_eval} eval prompts too long for the context", flush=True)
 
@@ -112,5 +131,5 @@ def start(
     print(f"all actors ready in {time.perf_counter() - t0:.0f}s; weight sync over {backend}", flush=True)
     roles = {"rollout worker": rollout.workers, "learner shard": learner.shards}
     print(plan.placement(roles | {f"teacher {n}": r for n, r in pool.replicas.items()}), flush=True)
-    evaluator = Evaluator(cfg, eval_set, rollout, pool, feedback, tokenizer)
+    evaluator = Evaluator(cfg, eval_sets, rollout, pool, feedback, tokenizer, eval_verifier)
     return Controller(cfg, train_set, rollout, pool, feedback, buffer, learner, evaluator, monitor)

@@ -177,7 +177,7 @@ def controller(cfg, kill_after: int | None = None) -> Controller:
     rollout = FakeRollout(cfg, kill_after)
     learner = FakeLearner()
     rollout.connect(learner)
-    evaluator = SimpleNamespace(prompts=[])
+    evaluator = SimpleNamespace(sets={"": []})
     buffer = Buffer(capacity=1000, max_staleness=8)
     return Controller(cfg, train, rollout, None, PassThrough(), buffer, learner, evaluator, Monitor())
 
