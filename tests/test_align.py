@@ -222,17 +222,20 @@ def test_same_vocab_is_identity(pair):
     assert bridge.project(bridged, scored, top_k=4) is scored
     assert bridge.to_student_text_ids(response) == response
     assert bridge.prefix_for_teacher(prompt, response[:5]) == prompt + response[:5]
+    assert bridge.teacher_prompt(prompt) == prompt
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_to_teacher_round_trips_text(pair, reverse):
     student, teacher = pair[::-1] if reverse else pair
     bridge = TokenBridge(student, teacher)
-    bridged = bridge.to_teacher(enc(student, PROMPT), enc(student, RESPONSE))
+    bridged = bridge.to_teacher(bridge.teacher_prompt(enc(student, PROMPT)), enc(student, RESPONSE))
     assert teacher.decode(bridged.prompt_ids) == PROMPT
     assert teacher.decode(bridged.response_ids) == RESPONSE
     # Re-tokenized separately: the response is the teacher's own encoding of its text, starting on a boundary.
     assert bridged.prompt_ids == enc(teacher, PROMPT) and bridged.response_ids == enc(teacher, RESPONSE)
+    # The prompt is the teacher's already (its own rendering): it is passed through as it is.
+    assert bridge.to_teacher([7, 8, 9], enc(student, RESPONSE)).prompt_ids == [7, 8, 9]
     assert bridged.student_spans == char_spans(student, enc(student, RESPONSE))
     assert len(bridged.teacher_spans) == len(bridged.response_ids)
 
@@ -243,7 +246,7 @@ def test_project_keeps_sum_and_shapes(pair, eos, reverse):
     student, teacher = pair[::-1] if reverse else pair
     bridge = TokenBridge(student, teacher)
     response = enc(student, RESPONSE) + ([student.eos_token_id] if eos else [])
-    bridged = bridge.to_teacher(enc(student, PROMPT), response)
+    bridged = bridge.to_teacher(enc(teacher, PROMPT), response)
     scored = hand_scored(len(bridged.response_ids), 5)
     out = bridge.project(bridged, scored, top_k=3)
     assert out.logprobs.shape == (len(response),) and out.logprobs.dtype == np.float32
@@ -292,11 +295,8 @@ def test_eos_without_teacher_eos(pair):
 def test_bos_maps_to_teacher_bos(pair):
     student, teacher = (with_special(t, bos_token=PAD) for t in pair)
     prompt = [student.bos_token_id, *enc(student, PROMPT)]
-    assert TokenBridge(student, teacher).to_teacher(prompt, []).prompt_ids == [
-        teacher.bos_token_id,
-        *enc(teacher, PROMPT),
-    ]
-    assert TokenBridge(student, pair[1]).to_teacher(prompt, []).prompt_ids == enc(pair[1], PROMPT)
+    assert TokenBridge(student, teacher).teacher_prompt(prompt) == [teacher.bos_token_id, *enc(teacher, PROMPT)]
+    assert TokenBridge(student, pair[1]).teacher_prompt(prompt) == enc(pair[1], PROMPT)
 
 
 def test_topk_on_aligned_positions(pair):
@@ -377,7 +377,7 @@ def test_prefix_for_teacher(pair):
     student, teacher = pair
     bridge = TokenBridge(student, teacher)
     prefix = enc(student, " Compute the sum 12+34. We add the di")
-    ids = bridge.prefix_for_teacher(enc(student, PROMPT), prefix)
+    ids = bridge.prefix_for_teacher(enc(teacher, PROMPT), prefix)
     assert ids == enc(teacher, PROMPT) + enc(teacher, " Compute the sum 12+34. We add the di")
     assert teacher.decode(ids) == PROMPT + " Compute the sum 12+34. We add the di"
 

@@ -24,8 +24,10 @@ class FakePool:
 
     def __init__(self) -> None:
         self.corrections: list[tuple] = []
+        self.scored_prompts: list = []
 
-    def score(self, samples: list[Sample], top_k: int) -> dict[str, float]:
+    def score(self, samples: list[Sample], top_k: int, prompts=None) -> dict[str, float]:
+        self.scored_prompts.append(prompts)
         for s in samples:
             s.teacher_logprobs = np.full(s.num_tokens, -1.0, np.float32)
             if s.prompt_index == 0:
@@ -34,8 +36,8 @@ class FakePool:
             s.teacher_topk_logprobs = np.full((s.num_tokens, top_k), -2.0, np.float16)
         return {"t": float(len(samples))}
 
-    def correct(self, names, prompt_ids, prefixes, budgets, temperature, seed) -> list[np.ndarray]:
-        self.corrections.append((names, prefixes, budgets, seed))
+    def correct(self, names, prompt_ids, prefixes, budgets, temperature, seed, prompts) -> list[np.ndarray]:
+        self.corrections.append((names, prefixes, budgets, seed, prompts))
         return [np.array([7, 7, 7])] * len(names)
 
 
@@ -79,7 +81,10 @@ def test_feedback_scores_judges_and_corrects_in_place(stage):
     first, second = scored.samples
     assert first.response_ids.tolist() == [1, 2, 7, 7, 7] and first.correction_start == 2
     assert second.correction_start is None and scored.samples is samples
-    assert pool.corrections == [(["t"], [[1, 2]], [feedback.cfg.rollout.max_new_tokens - 2], 11)]
+    # teachers get each sample's prompt, which one with another tokenizer renders its own way
+    p0, p1 = (feedback.by_index[i].prompt for i in (0, 1))
+    assert pool.scored_prompts == [[p0, p1]]
+    assert pool.corrections == [(["t"], [[1, 2]], [feedback.cfg.rollout.max_new_tokens - 2], 11, [p0])]
     assert scored.metrics["correction/rate"] == 0.5 and scored.metrics["correction/position"] == [2]
     assert scored.metrics["correction/teacher_tokens"] == 3.0
     # the samples table shows what the student wrote, and the correction beside it

@@ -6,6 +6,7 @@ A rendered prompt ends with the generation prompt (the assistant turn's header) 
 `add_special_tokens=False`: the template writes every special token it wants, so a BOS it writes is not doubled
 (`apply_chat_template(tokenize=True)` and vLLM's chat endpoint do the same). Raw text is tokenized as before
 chat templates existed here (`tokenizer.encode(text)`), so the built-in task's prompt ids did not change.
+A teacher with another tokenizer renders the same messages with its own template (`ChatFormat(own_template=True)`).
 """
 
 from __future__ import annotations
@@ -37,47 +38,60 @@ class Encoded:
 
 
 class ChatFormat:
-    """Prompt -> student token ids under `data.chat_template`, `data.system_prompt` and `data.chat_template_kwargs`.
+    """Prompt -> token ids under `data.chat_template`, `data.system_prompt` and `data.chat_template_kwargs`.
 
-    Settings that cannot apply (a missing or malformed Jinja file; a system prompt or template arguments with no
-    template to take them) are a `DataError` here, before any prompt is encoded.
+    The one renderer of prompts: the student's (`encode`) and, with `own_template`, a teacher's with another
+    tokenizer (`opd.teachers.prompts`). Settings that cannot apply to the student (a missing or malformed Jinja
+    file; a system prompt or template arguments with no template to take them) are a `DataError` here, before any
+    prompt is encoded.
     """
 
-    def __init__(self, tokenizer, data: DataConfig) -> None:
+    def __init__(self, tokenizer, data: DataConfig, own_template: bool = False) -> None:
+        """`own_template`: the tokenizer's own template whatever `data.chat_template` names (a Jinja file there is
+        the student's), unless it is `none`; with no template, raw text, a conversation read by its last user turn
+        (`Prompt.text`) and the system prompt and template arguments left out, since that tokenizer has nothing to
+        take them. How a teacher with another tokenizer reads the student's prompts."""
         self.tokenizer, self.key, self.system_prompt = tokenizer, data.prompt_key, data.system_prompt
         self.kwargs = dict(data.chat_template_kwargs)
+        self.own_template = own_template
         self.template: str | None = None
         self.raw_reason = "data.chat_template=none"
         """Why prompts are raw text, for messages (when `template` is None)."""
-        if data.chat_template == "auto":
+        source = f"data.chat_template={data.chat_template}"
+        if data.chat_template == "auto" or (own_template and data.chat_template != "none"):
             self.template = getattr(tokenizer, "chat_template", None) or None
             self.raw_reason = "data.chat_template=auto and the student tokenizer has no chat template"
+            if own_template:
+                source = f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}"
         elif data.chat_template != "none":
             if not Path(data.chat_template).is_file():
                 raise DataError(f"data.chat_template={data.chat_template}: no such file (auto, none or a Jinja file)")
             self.template = Path(data.chat_template).read_text(encoding="utf-8")
             if not self.template.strip():
                 raise DataError(f"data.chat_template={data.chat_template}: the file is empty")
-        if self.template is None and (self.system_prompt or self.kwargs):
+        if self.template is None and not own_template and (self.system_prompt or self.kwargs):
             used = "data.system_prompt" if self.system_prompt else "data.chat_template_kwargs"
             raise DataError(f"{used} is set, but prompts are raw text: {self.raw_reason}")
         if self.template is not None:
             try:  # a syntax error would otherwise surface once per prompt
                 jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(self.template)
             except jinja2.TemplateSyntaxError as err:
-                raise DataError(f"data.chat_template={data.chat_template}: {err.message} (line {err.lineno})") from None
+                raise DataError(f"{source}: {err.message} (line {err.lineno})") from None
 
-    def ids(self, prompt: Prompt) -> list[int]:
-        """The prompt's token ids; a `DataError` without the row's name when this prompt cannot be rendered."""
+    def ids(self, prompt: Prompt, system: bool = True) -> list[int]:
+        """The prompt's token ids; a `DataError` without the row's name when this prompt cannot be rendered.
+
+        `system=False` leaves `data.system_prompt` out: a judge's rubric is a turn of its own, not the task's.
+        """
         if self.template is None:
-            if prompt.messages:
+            if prompt.messages and not self.own_template:
                 raise DataError(
                     f"`{self.key}` is a list of messages, but {self.raw_reason}; a conversation needs a chat template "
                     "(data.chat_template=auto with a tokenizer that has one, or a Jinja file)"
                 )
             return list(self.tokenizer.encode(prompt.text))
         messages = list(prompt.conversation)
-        if self.system_prompt and not any(m["role"] in SYSTEM_ROLES for m in messages):
+        if system and self.system_prompt and not any(m["role"] in SYSTEM_ROLES for m in messages):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         try:
             text = self.tokenizer.apply_chat_template(

@@ -3,8 +3,9 @@
 A teacher with another tokenizer scores the student's response as text: the student's tokens are decoded,
 the text is re-tokenized for the teacher, and the teacher's per-token log-probs are projected back onto
 the student's tokens by where each token ends in the text (`project_logprobs`). `TokenBridge` puts these
-together for one (student, teacher) tokenizer pair: ids to the teacher, its signal back, and corrections the
-teacher writes back to the student.
+together for one (student, teacher) tokenizer pair: responses to the teacher, its signal back, and corrections
+the teacher writes back to the student. Prompts do not go through the text: the teacher renders the conversation
+with its own chat template (`opd.teachers.prompts`).
 """
 
 from __future__ import annotations
@@ -242,9 +243,12 @@ class TokenBridge:
             return ids[:-1], True
         return ids, False
 
-    def _teacher_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        """The prompt as teacher ids: the teacher's BOS (if it uses one) + the re-tokenized text."""
+    def teacher_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The student's rendering of a prompt in teacher ids: the teacher's BOS (if it uses one) + the re-tokenized
+        text. For callers without the conversation; with it, the teacher renders its own (`TeacherPrompts`)."""
         ids = [int(t) for t in prompt_ids]
+        if self.same_vocab:
+            return ids
         had_bos = bool(ids) and self._s_bos is not None and ids[0] == self._s_bos
         if had_bos:
             ids = ids[1:]
@@ -252,13 +256,13 @@ class TokenBridge:
         return bos + retokenize(self.student.decode(ids), self.teacher)[0]
 
     def to_teacher(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Bridged:
-        """The student's sample in teacher ids, for scoring, plus the spans `project` needs.
+        """The student's response in teacher ids after `prompt_ids`, for scoring, plus the spans `project` needs.
 
-        Prompt and response are decoded and re-tokenized separately, so the response starts on a token
-        boundary and the teacher scores exactly the response text. Special tokens other than BOS/EOS are
-        decoded as their text; a teacher with an added token of the same content reads it back as that token.
-        A trailing student EOS becomes the teacher's EOS, or is dropped when the teacher has none (the
-        student's EOS position then gets log-prob 0 and no top-k).
+        `prompt_ids` are already the teacher's: the prompt as it renders it (`TeacherPrompts`), so the response
+        is re-tokenized on its own, starts on a token boundary, and the teacher scores exactly the response text.
+        Special tokens other than BOS/EOS are decoded as their text; a teacher with an added token of the same
+        content reads it back as that token. A trailing student EOS becomes the teacher's EOS, or is dropped
+        when the teacher has none (the student's EOS position then gets log-prob 0 and no top-k).
         """
         if self.same_vocab:
             return Bridged([int(t) for t in prompt_ids], [int(t) for t in response_ids])
@@ -271,10 +275,11 @@ class TokenBridge:
             if self._t_eos is not None:
                 teacher_ids.append(self._t_eos)
                 teacher_spans.append((len(text), len(text) + 1))
-        return Bridged(self._teacher_prompt(prompt_ids), teacher_ids, student_spans, teacher_spans)
+        return Bridged([int(t) for t in prompt_ids], teacher_ids, student_spans, teacher_spans)
 
     def prefix_for_teacher(self, prompt_ids: Sequence[int], response_prefix_ids: Sequence[int]) -> list[int]:
-        """Teacher ids of prompt + partial student response: the context a correcting teacher continues from.
+        """The teacher's prompt ids + the partial student response in teacher ids: what a correcting teacher
+        continues from.
 
         The partial response is re-tokenized on its own, so its last teacher token may be shorter than the one
         the teacher would use for the finished word (e.g. "wh" where it would write "what"); the teacher
@@ -283,7 +288,7 @@ class TokenBridge:
         if self.same_vocab:
             return [int(t) for t in (*prompt_ids, *response_prefix_ids)]
         body, eos = self._split_eos(response_prefix_ids)
-        ids = self._teacher_prompt(prompt_ids) + retokenize(self.student.decode(body), self.teacher)[0]
+        ids = [int(t) for t in prompt_ids] + retokenize(self.student.decode(body), self.teacher)[0]
         return [*ids, self._t_eos] if eos and self._t_eos is not None else ids
 
     # -------------------------------------------------------------- teacher -> student

@@ -8,6 +8,7 @@ the returned `ScoredRound` (and, in async, in the checkpoint).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from opd.buffer.sample import Sample
 from opd.config import OPDConfig
-from opd.data import Encoded
+from opd.data import Encoded, Prompt
 from opd.teachers import judge
 from opd.teachers.combine import pick_best
 from opd.teachers.correct import corrected, first_unlikely
@@ -54,6 +55,12 @@ def reverse_kl(samples: list[Sample]) -> float:
     return gap / max(tokens, 1)
 
 
+def prompts_of(samples: list[Sample], by_index: Mapping[int, Encoded]) -> list[Prompt]:
+    """Each sample's prompt, from the set its `prompt_index` points into (indices are per set: train and each eval
+    set have their own), for the teachers that render prompts their own way."""
+    return [by_index[s.prompt_index].prompt for s in samples]
+
+
 class Feedback:
     """Calls the teacher pool for a round's samples, per `teachers.combine`, `judge` and `correction`."""
 
@@ -77,7 +84,7 @@ class Feedback:
         metrics: dict[str, float | list] = {}
         share: dict[str, float] = {}
         if cfg.mode == "on_policy":
-            share = self.teachers.score(samples, cfg.loss.top_k)
+            share = self.teachers.score(samples, cfg.loss.top_k, prompts_of(samples, self.by_index))
             metrics |= {f"teachers/{name}_samples": n for name, n in share.items()}
             # Before corrections: the student's own samples, so this is the unbiased on-policy estimate.
             metrics["train/reverse_kl"] = reverse_kl(samples)
@@ -128,7 +135,7 @@ class Feedback:
         return metrics
 
     def judge_texts(self, prompts: list[Encoded], texts: list[str]) -> list[judge.JudgeRecord]:
-        """Verdicts on responses to `prompts`: a Python verifier, or a teacher reading the rubric."""
+        """Verdicts on responses to `prompts`: a Python verifier, or a teacher reading the rubric as a user turn."""
         cfg = self.cfg.judge
         if cfg.kind == "verifier":
             return [
@@ -141,14 +148,14 @@ class Feedback:
         return [too_long if v is None else judge.parse_score(v) for v in verdicts]
 
     def assign_best_teachers(self, prompts: list[Encoded]) -> None:
-        """combine.rule=best_of: each teacher answers each new prompt once; the best-judged one teaches it."""
+        """combine.rule=best_of: each teacher answers each new prompt once (the conversation as it reads it); the
+        best-judged one teaches it."""
         todo = [e for e in prompts if e.teacher is None]
         if not todo:
             return
         names = self.teachers.names
-        texts = [e.prompt.text for e in todo]
         answers = {
-            n: [a or "" for a in self.teachers.complete(n, texts, self.cfg.rollout.max_new_tokens, 0.0)] for n in names
+            n: [a or "" for a in self.teachers.answer(n, todo, self.cfg.rollout.max_new_tokens, 0.0)] for n in names
         }
         verdicts = {n: self.judge_texts(todo, answers[n]) for n in names}
         for i, e in enumerate(todo):
@@ -179,6 +186,7 @@ class Feedback:
                 [budget - j for _, j in todo],
                 cfg.temperature,
                 seed,
+                prompts_of([samples[i] for i, _ in todo], self.by_index),
             )
             for (i, j), cont in zip(todo, conts, strict=True):
                 samples[i] = corrected(samples[i], j, cont)

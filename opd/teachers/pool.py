@@ -18,6 +18,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from opd import plan
 from opd.buffer.sample import Sample
+from opd.config import DataConfig
+from opd.data import Encoded, Prompt
 from opd.partition import chunks
 from opd.teachers.worker import TeacherWorker
 
@@ -53,7 +55,9 @@ class TeacherPool:
         faults,
         top_k: int,
         groups: dict,
+        data: DataConfig | None = None,
     ) -> None:
+        """`data`: the chat settings each teacher renders prompts with (`DataConfig`'s defaults when None)."""
         from opd.teachers.combine import RULES, SELECTING
 
         self.faults = faults
@@ -68,7 +72,7 @@ class TeacherPool:
             )(TeacherWorker)
             self.replicas[t.name] = [
                 actor.options(**plan.slot(groups[t.name], i)).remote(
-                    model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student, top_k
+                    model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student, top_k, data
                 )
                 for i in range(t.replicas)
             ]
@@ -152,15 +156,17 @@ class TeacherPool:
             ray.kill(rep, no_restart=True)
         self.default = alive[0]
 
-    def score(self, samples: list[Sample], top_k: int) -> dict[str, float]:
+    def score(self, samples: list[Sample], top_k: int, prompts: list[Prompt] | None = None) -> dict[str, float]:
         """Fill each sample's teacher fields in place.
 
-        Returns each teacher's share of the signal, in samples: 1 per routed sample, its normalised weight
-        per merged one (what provenance.json reports as the teacher's contribution).
+        `prompts[i]` is sample i's prompt (`prompts_of`), which a teacher with another tokenizer renders its own
+        way; None leaves it the student's rendering re-tokenized. Returns each teacher's share of the signal, in
+        samples: 1 per routed sample, its normalised weight per merged one (what provenance.json reports as the
+        teacher's contribution).
         """
-        return self._surviving(lambda: self._score(samples, top_k))
+        return self._surviving(lambda: self._score(samples, top_k, prompts or [None] * len(samples)))
 
-    def _score(self, samples: list[Sample], top_k: int) -> dict[str, float]:
+    def _score(self, samples: list[Sample], top_k: int, prompts: list[Prompt | None]) -> dict[str, float]:
         for s in samples:
             s.teacher = self._resolve(s.teacher)
         wanted = {
@@ -169,7 +175,11 @@ class TeacherPool:
             if weight > 0 or any(s.teacher == name for s in samples)
         }
         columns = {
-            name: [[samples[i].prompt_ids.tolist() for i in idx], [samples[i].response_ids.tolist() for i in idx]]
+            name: [
+                [samples[i].prompt_ids.tolist() for i in idx],
+                [samples[i].response_ids.tolist() for i in idx],
+                [prompts[i] for i in idx],
+            ]
             for name, idx in wanted.items()
             if idx
         }
@@ -201,27 +211,43 @@ class TeacherPool:
         max_tokens: int,
         temperature: float,
         seed: int | None,
+        prompts: list[Prompt] | None = None,
     ) -> list:
-        """The first teacher's own samples, per prompt n (token ids, log-probs): offline KD, teacher accuracy."""
-        return self._surviving(
-            lambda: self._call(self.default, "generate", [prompt_ids], n, max_tokens, temperature, seed)
-        )
+        """The first teacher's own samples, per prompt n (token ids, log-probs): offline KD, teacher accuracy.
 
-    def complete(self, name: str, texts: list[str], max_tokens: int, temperature: float) -> list[str]:
-        """Teacher `name` continues each text (in its own tokenizer): judge verdicts, best_of answers."""
+        `prompts[i]`: the prompt `prompt_ids[i]` renders, which a teacher with another tokenizer renders its own way.
+        """
+        cols = [prompt_ids, prompts or [None] * len(prompt_ids)]
+        return self._surviving(lambda: self._call(self.default, "generate", cols, n, max_tokens, temperature, seed))
+
+    def complete(self, name: str, texts: list[str], max_tokens: int, temperature: float) -> list[str | None]:
+        """Teacher `name` answers each text as a user turn in its chat template: judge verdicts on rubrics."""
         return self._surviving(lambda: self._call(self._resolve(name), "complete", [texts], max_tokens, temperature))
 
+    def answer(self, name: str, prompts: list[Encoded], max_tokens: int, temperature: float) -> list[str | None]:
+        """Teacher `name`'s text answer to each prompt as it reads it: combine.rule=best_of's candidates."""
+        cols = [[e.ids for e in prompts], [e.prompt for e in prompts]]
+        return self._surviving(lambda: self._call(self._resolve(name), "answer", cols, max_tokens, temperature))
+
     def correct(
-        self, names: list[str], prompt_ids: list, prefixes: list, budgets: list[int], temperature: float, seed: int
+        self,
+        names: list[str],
+        prompt_ids: list,
+        prefixes: list,
+        budgets: list[int],
+        temperature: float,
+        seed: int,
+        prompts: list[Prompt],
     ) -> list:
-        """Per item, teacher `names[i]` continues prompt + the kept response prefix: student token ids back."""
+        """Per item, teacher `names[i]` continues the prompt (`prompts[i]`, rendered its way) + the kept response
+        prefix: student token ids back."""
 
         def work() -> list:
             out: list = [None] * len(names)
             resolved = [self._resolve(n) for n in names]
             for name in dict.fromkeys(resolved):
                 idx = [i for i, n in enumerate(resolved) if n == name]
-                cols = [[prompt_ids[i] for i in idx], [prefixes[i] for i in idx], [budgets[i] for i in idx]]
+                cols = [[x[i] for i in idx] for x in (prompt_ids, prefixes, budgets, prompts)]
                 for i, ids in zip(idx, self._call(name, "continue_response", cols, temperature, seed), strict=True):
                     out[i] = ids
             return out

@@ -6,30 +6,44 @@ temperature and sees the full vocabulary; only the top-k leaves the actor either
 since full-vocabulary logits would dwarf everything else moving through Ray.
 
 Everything crossing the actor boundary is in the student's tokens: a teacher with another
-tokenizer re-tokenizes the student's text and projects its signal back (`TokenBridge`), so
-the rest of opd never knows which teachers share the student's vocabulary.
+tokenizer renders each prompt's conversation with its own chat template (`TeacherPrompts`), re-tokenizes the
+student's response text and projects its signal back (`TokenBridge`), so the rest of opd never knows which
+teachers share the student's vocabulary. Calls carry each prompt (`Prompt`, None when the caller has none) beside
+the student's ids for that.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from opd.config import DataConfig
 from opd.plan import Placed
 from opd.rollout import engine as vllm_engine
 from opd.teachers import hf
 from opd.teachers.align import TokenBridge
+from opd.teachers.prompts import TeacherPrompts
 
 
 class TeacherWorker(Placed):
     def __init__(
-        self, model: str, backend: str, engine_cfg, temperature: float, seed: int, student: str, top_k: int
+        self,
+        model: str,
+        backend: str,
+        engine_cfg,
+        temperature: float,
+        seed: int,
+        student: str,
+        top_k: int,
+        data: DataConfig | None = None,
     ) -> None:
+        """`data`: the chat settings prompts are rendered with (`DataConfig`'s defaults when None)."""
         from transformers import AutoTokenizer
 
         self.backend, self.temperature = backend, temperature
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.stop_ids = vllm_engine.stop_token_ids(model)
         self.bridge = TokenBridge(AutoTokenizer.from_pretrained(student), self.tokenizer)
+        self.prompts = TeacherPrompts(self.bridge, data or DataConfig())
         if backend == "vllm":
             # vLLM refuses more prompt log-probs per token than max_logprobs (default 20).
             self.llm = vllm_engine.make_llm(model, engine_cfg, seed, max_logprobs=max(20, top_k))
@@ -46,11 +60,15 @@ class TeacherWorker(Placed):
     def ready(self) -> str:
         return self.backend
 
-    def score(self, prompt_ids: list, response_ids: list, top_k: int) -> vllm_engine.ScoredBatch:
+    def _prompt_ids(self, prompt_ids: list, prompts: list) -> list[list[int]]:
+        return [self.prompts.ids(p, x) for p, x in zip(prompt_ids, prompts, strict=True)]
+
+    def score(self, prompt_ids: list, response_ids: list, prompts: list, top_k: int) -> vllm_engine.ScoredBatch:
         """Per student response token: the teacher's log-prob of the student's token and its own top-k."""
         if self.bridge.same_vocab:
             return vllm_engine.ScoredBatch(s.compact() for s in self._score(prompt_ids, response_ids, top_k))
-        bridged = [self.bridge.to_teacher(p, r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        contexts = self._prompt_ids(prompt_ids, prompts)
+        bridged = [self.bridge.to_teacher(p, r) for p, r in zip(contexts, response_ids, strict=True)]
         scored = self._score([b.prompt_ids for b in bridged], [b.response_ids for b in bridged], top_k)
         return vllm_engine.ScoredBatch(
             self.bridge.project(b, s, top_k).compact() for b, s in zip(bridged, scored, strict=True)
@@ -61,16 +79,18 @@ class TeacherWorker(Placed):
             return vllm_engine.score(self.llm, prompt_ids, response_ids, top_k)
         return hf.score(self.model, prompt_ids, response_ids, top_k, self.temperature)
 
-    def generate(self, prompt_ids: list, n: int, max_tokens: int, temperature: float, seed: int | None):
-        """The teacher's own responses to student-token prompts (offline KD data, teacher accuracy).
+    def generate(
+        self, prompt_ids: list, prompts: list, n: int, max_tokens: int, temperature: float, seed: int | None
+    ) -> list:
+        """The teacher's own responses to the prompts (offline KD data, teacher accuracy).
 
-        Same format as `engine.sample`, in student tokens. A teacher with another tokenizer writes text that is
-        re-tokenized for the student; its per-token log-probs then have no student-token meaning and are NaN.
+        Same format as `engine.sample`, in student tokens. A teacher with another tokenizer answers its own
+        rendering of the prompt and writes text that is re-tokenized for the student; its per-token log-probs
+        then have no student-token meaning and are NaN.
         """
         if self.bridge.same_vocab:
             return self._generate(prompt_ids, n, max_tokens, temperature, seed)
-        contexts = [self.bridge.prefix_for_teacher(list(p), []) for p in prompt_ids]
-        outs = self._generate(contexts, n, max_tokens, temperature, seed)
+        outs = self._generate(self._prompt_ids(prompt_ids, prompts), n, max_tokens, temperature, seed)
         student = [[self.bridge.to_student_text_ids(list(ids)) for ids, _ in pairs] for pairs in outs]
         return [[(np.asarray(ids, np.int64), np.full(len(ids), np.nan, np.float32)) for ids in per] for per in student]
 
@@ -81,27 +101,38 @@ class TeacherWorker(Placed):
         return hf.sample(self.model, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
 
     def complete(self, texts: list[str], max_tokens: int, temperature: float) -> list[str | None]:
-        """Text continuations of plain-text prompts, in the teacher's own tokenizer.
+        """The teacher's text answer to each text as a user turn in its chat template (a judge's rubric)."""
+        return self._answer_text([self.prompts.user_turn(t) for t in texts], max_tokens, temperature)
+
+    def answer(self, prompt_ids: list, prompts: list, max_tokens: int, temperature: float) -> list[str | None]:
+        """The teacher's text answer to each prompt as it reads it (combine.rule=best_of's answers)."""
+        return self._answer_text(self._prompt_ids(prompt_ids, prompts), max_tokens, temperature)
+
+    def _answer_text(self, ids: list[list[int]], max_tokens: int, temperature: float) -> list[str | None]:
+        """One decoded response per teacher-token prompt.
 
         None for a prompt that leaves no room for `max_tokens` in the teacher's context (never truncated:
         a judge reading half a rubric would give a verdict on something else).
         """
-        ids = [self.tokenizer.encode(t) for t in texts]
         fits = [i for i, x in enumerate(ids) if len(x) + max_tokens <= self.max_len]
         outs = self._generate([ids[i] for i in fits], 1, max_tokens, temperature, None) if fits else []
-        result: list[str | None] = [None] * len(texts)
+        result: list[str | None] = [None] * len(ids)
         for i, pairs in zip(fits, outs, strict=True):
             result[i] = self.tokenizer.decode(pairs[0][0], skip_special_tokens=True)
         return result
 
     def continue_response(
-        self, prompt_ids: list, prefixes: list, budgets: list[int], temperature: float, seed: int | None
+        self, prompt_ids: list, prefixes: list, budgets: list[int], prompts: list, temperature: float, seed: int | None
     ) -> list[np.ndarray]:
         """A correction: the teacher writes the rest of each response after the kept student prefix.
 
-        Inputs and outputs are student token ids; the continuation is cut to its budget of student tokens.
+        Inputs and outputs are student token ids (the prompt as the teacher reads it, the prefix through its
+        text); the continuation is cut to its budget of student tokens.
         """
-        contexts = [self.bridge.prefix_for_teacher(list(p), list(x)) for p, x in zip(prompt_ids, prefixes, strict=True)]
+        contexts = [
+            self.bridge.prefix_for_teacher(p, list(x))
+            for p, x in zip(self._prompt_ids(prompt_ids, prompts), prefixes, strict=True)
+        ]
         # One batched call at the largest budget; each continuation is then cut to its own.
         outs = self._generate(contexts, 1, max(budgets), temperature, seed)
         return [
