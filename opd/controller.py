@@ -215,7 +215,9 @@ class Controller:
         cfg, t0 = self.cfg.rollout, time.perf_counter()
         prompts = self.next_prompts(cfg.prompts_per_round)
         ids = [e.ids for e in prompts]
-        outs = self.teachers.generate(ids, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, None)
+        outs = self.teachers.generate(
+            ids, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, None, [e.prompt for e in prompts]
+        )
         return Launch.done(prompts, teacher_written(prompts, outs, self.version), time.perf_counter() - t0)
 
     # -- checkpoints ---------------------------------------------------------------------------

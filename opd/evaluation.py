@@ -11,7 +11,7 @@ import numpy as np
 from opd.buffer.sample import Sample, teacher_written
 from opd.data import Encoded
 from opd.grading import pass_at_k
-from opd.teachers.feedback import reverse_kl
+from opd.teachers.feedback import prompts_of, reverse_kl
 from opd.teachers.judge import Verifier, run_verifier
 
 PASSING = 0.5
@@ -58,7 +58,7 @@ class Evaluator:
             metrics[f"{key}student_accuracy"] = sum(greedy) / len(greedy)
         k, temperature = cfg.eval.samples_per_prompt, cfg.rollout.temperature
         samples = self.rollout.generate(prompts, k, temperature, seed=-1)
-        self.teachers.score(samples, 1)
+        self.teachers.score(samples, 1, prompts_of(samples, {e.prompt.index: e for e in prompts}))
         metrics[f"{key}reverse_kl"] = reverse_kl(samples)
         if greedy is not None:
             pass_temperature = temperature if cfg.eval.temperature is None else cfg.eval.temperature
@@ -74,7 +74,9 @@ class Evaluator:
         out = {}
         for name, prompts in self.sets.items():
             ids = [e.ids for e in prompts]
-            outs = self.teachers.generate(ids, 1, self.cfg.rollout.max_new_tokens, 0.0, None)
+            outs = self.teachers.generate(
+                ids, 1, self.cfg.rollout.max_new_tokens, 0.0, None, [e.prompt for e in prompts]
+            )
             correct = self.grade(prompts, teacher_written(prompts, outs, 0))
             if correct is not None:
                 out[f"{prefix(name)}teacher_accuracy"] = sum(correct) / len(correct)

@@ -111,6 +111,7 @@ def start(
         cfg.faults,
         cfg.loss.top_k,
         {t.name: groups[f"teacher:{t.name}"] for t in cfg.teachers},
+        cfg.data,
     )
     feedback = Feedback(cfg, pool, tokenizer, {e.prompt.index: e for e in train_set}, verifier)
     buf = cfg.buffer

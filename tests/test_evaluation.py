@@ -44,11 +44,11 @@ class Rollout:
 
 
 class Teachers:
-    def score(self, samples, top_k):
+    def score(self, samples, top_k, prompts):
         for s in samples:
             s.teacher_logprobs = s.logprobs - 0.5
 
-    def generate(self, ids, n, max_tokens, temperature, seed):
+    def generate(self, ids, n, max_tokens, temperature, seed, prompts):
         return [[(np.asarray([ord("7")]), np.zeros(1))] for _ in ids]
 
 

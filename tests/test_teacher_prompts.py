@@ -70,9 +70,9 @@ def test_a_teacher_with_another_tokenizer_renders_the_messages_with_its_own_temp
     assert ids == own_rendering(teacher, system + CONVERSATION, think=True)
     assert teacher.decode(ids).startswith("[system] Add the numbers.\n[user] What is 12+34?\n")
     assert teacher.decode(ids).endswith("[user] And 46+21?\n[assistant] <think>")
-    # not the student's chat markup re-tokenized, as the text bridge alone would give
-    assert ids != prompts.bridge.teacher_prompt(student_ids(student, PROMPT, data))
-    assert "<|im_start|>" in teacher.decode(prompts.bridge.teacher_prompt(student_ids(student, PROMPT, data)))
+    # not the student's chat markup re-tokenized
+    assert "<|im_start|>" in student.decode(student_ids(student, PROMPT, data))
+    assert "<|im_start|>" not in teacher.decode(ids)
 
 
 def test_a_teacher_with_the_students_tokenizer_scores_the_students_ids(tokenizers):

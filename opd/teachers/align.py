@@ -194,12 +194,6 @@ class Bridged:
     teacher_spans: list[tuple[int, int]] | None = None
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts its BOS in front of text by itself (Llama does, Qwen and `opd.tiny` do not)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and list(tokenizer("", add_special_tokens=True)["input_ids"][:1]) == [bos]
-
-
 class TokenBridge:
     """Lets a teacher with another tokenizer score and correct the student's samples, through the text.
 
@@ -220,7 +214,6 @@ class TokenBridge:
         self.same_vocab: bool = s_vocab == t_vocab
         self._s_eos, self._t_eos = student.eos_token_id, teacher.eos_token_id
         self._s_bos, self._t_bos = student.bos_token_id, teacher.bos_token_id
-        self._t_adds_bos = _adds_bos(teacher)
         # Teacher id -> student id with the identical token string (special tokens by content), -1 if none.
         self._to_student = np.full(max(t_vocab.values(), default=0) + 1, -1, dtype=np.int64)
         if self.same_vocab:
@@ -242,18 +235,6 @@ class TokenBridge:
         if ids and self._s_eos is not None and ids[-1] == self._s_eos:
             return ids[:-1], True
         return ids, False
-
-    def teacher_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        """The student's rendering of a prompt in teacher ids: the teacher's BOS (if it uses one) + the re-tokenized
-        text. For callers without the conversation; with it, the teacher renders its own (`TeacherPrompts`)."""
-        ids = [int(t) for t in prompt_ids]
-        if self.same_vocab:
-            return ids
-        had_bos = bool(ids) and self._s_bos is not None and ids[0] == self._s_bos
-        if had_bos:
-            ids = ids[1:]
-        bos = [self._t_bos] if self._t_bos is not None and (had_bos or self._t_adds_bos) else []
-        return bos + retokenize(self.student.decode(ids), self.teacher)[0]
 
     def to_teacher(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Bridged:
         """The student's response in teacher ids after `prompt_ids`, for scoring, plus the spans `project` needs.

@@ -55,9 +55,9 @@ class TeacherPool:
         faults,
         top_k: int,
         groups: dict,
-        data: DataConfig | None = None,
+        data: DataConfig,
     ) -> None:
-        """`data`: the chat settings each teacher renders prompts with (`DataConfig`'s defaults when None)."""
+        """`data`: the chat settings each teacher renders prompts with."""
         from opd.teachers.combine import RULES, SELECTING
 
         self.faults = faults
@@ -156,17 +156,17 @@ class TeacherPool:
             ray.kill(rep, no_restart=True)
         self.default = alive[0]
 
-    def score(self, samples: list[Sample], top_k: int, prompts: list[Prompt] | None = None) -> dict[str, float]:
+    def score(self, samples: list[Sample], top_k: int, prompts: list[Prompt]) -> dict[str, float]:
         """Fill each sample's teacher fields in place.
 
         `prompts[i]` is sample i's prompt (`prompts_of`), which a teacher with another tokenizer renders its own
-        way; None leaves it the student's rendering re-tokenized. Returns each teacher's share of the signal, in
+        way. Returns each teacher's share of the signal, in
         samples: 1 per routed sample, its normalised weight per merged one (what provenance.json reports as the
         teacher's contribution).
         """
-        return self._surviving(lambda: self._score(samples, top_k, prompts or [None] * len(samples)))
+        return self._surviving(lambda: self._score(samples, top_k, prompts))
 
-    def _score(self, samples: list[Sample], top_k: int, prompts: list[Prompt | None]) -> dict[str, float]:
+    def _score(self, samples: list[Sample], top_k: int, prompts: list[Prompt]) -> dict[str, float]:
         for s in samples:
             s.teacher = self._resolve(s.teacher)
         wanted = {
@@ -211,13 +211,13 @@ class TeacherPool:
         max_tokens: int,
         temperature: float,
         seed: int | None,
-        prompts: list[Prompt] | None = None,
+        prompts: list[Prompt],
     ) -> list:
         """The first teacher's own samples, per prompt n (token ids, log-probs): offline KD, teacher accuracy.
 
         `prompts[i]`: the prompt `prompt_ids[i]` renders, which a teacher with another tokenizer renders its own way.
         """
-        cols = [prompt_ids, prompts or [None] * len(prompt_ids)]
+        cols = [prompt_ids, prompts]
         return self._surviving(lambda: self._call(self.default, "generate", cols, n, max_tokens, temperature, seed))
 
     def complete(self, name: str, texts: list[str], max_tokens: int, temperature: float) -> list[str | None]:

@@ -26,17 +26,14 @@ class TeacherPrompts:
         self.format = ChatFormat(bridge.teacher, data, own_template=True)
         self._rendered: dict[tuple, list[int]] = {}
 
-    def ids(self, student_ids: Sequence[int], prompt: Prompt | None) -> list[int]:
+    def ids(self, student_ids: Sequence[int], prompt: Prompt) -> list[int]:
         """Teacher ids of the prompt the student wrote `student_ids`' response to.
 
         Same vocabulary: `student_ids` themselves. Another tokenizer: `prompt`'s conversation with the teacher's
-        template (raw text when it has none or data.chat_template=none); the student's prompt text re-tokenized
-        (`TokenBridge.teacher_prompt`) only when the caller has no `prompt` to give.
+        template (raw text when it has none or data.chat_template=none).
         """
         if self.bridge.same_vocab:
             return [int(t) for t in student_ids]
-        if prompt is None:
-            return self.bridge.teacher_prompt(student_ids)
         key = tuple((m["role"], m["content"]) for m in prompt.conversation)
         if key not in self._rendered:
             self._rendered[key] = self.format.ids(prompt)

@@ -8,7 +8,7 @@ since full-vocabulary logits would dwarf everything else moving through Ray.
 Everything crossing the actor boundary is in the student's tokens: a teacher with another
 tokenizer renders each prompt's conversation with its own chat template (`TeacherPrompts`), re-tokenizes the
 student's response text and projects its signal back (`TokenBridge`), so the rest of opd never knows which
-teachers share the student's vocabulary. Calls carry each prompt (`Prompt`, None when the caller has none) beside
+teachers share the student's vocabulary. Calls carry each prompt (`Prompt`) beside
 the student's ids for that.
 """
 
@@ -34,16 +34,16 @@ class TeacherWorker(Placed):
         seed: int,
         student: str,
         top_k: int,
-        data: DataConfig | None = None,
+        data: DataConfig,
     ) -> None:
-        """`data`: the chat settings prompts are rendered with (`DataConfig`'s defaults when None)."""
+        """`data`: the chat settings prompts are rendered with."""
         from transformers import AutoTokenizer
 
         self.backend, self.temperature = backend, temperature
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.stop_ids = vllm_engine.stop_token_ids(model)
         self.bridge = TokenBridge(AutoTokenizer.from_pretrained(student), self.tokenizer)
-        self.prompts = TeacherPrompts(self.bridge, data or DataConfig())
+        self.prompts = TeacherPrompts(self.bridge, data)
         if backend == "vllm":
             # vLLM refuses more prompt log-probs per token than max_logprobs (default 20).
             self.llm = vllm_engine.make_llm(model, engine_cfg, seed, max_logprobs=max(20, top_k))
