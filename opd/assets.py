@@ -41,13 +41,16 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from opd import pretrained
+from opd.catalog import ADDITION, BUILTINS
 from opd.tasks import addition
 from opd.tiny import TinySpec
 
-VERSION = "addition-v1"
+VERSION = ADDITION
 MIN_DIGITS, MAX_DIGITS = 2, 3
 TRAIN_SIZE, EVAL_SIZE = 5000, 256
 TEACHER_MIN_ACCURACY = 0.9
@@ -55,12 +58,6 @@ TEACHER_TOP_UPS = 2
 """Extra short training phases allowed if the teacher misses its target (other hardware, other numerics)."""
 MAX_NEW_TOKENS = 48
 SEED = 1234
-NAMES = {
-    "addition-teacher": "addition-teacher",
-    "addition-student": "addition-student",
-    "addition/train": "addition/train.jsonl",
-    "addition/eval": "addition/eval.jsonl",
-}
 
 
 @dataclass(frozen=True)
@@ -100,33 +97,39 @@ STUDENT = Recipe(
 
 
 def ensure_builtin(name: str, cache_dir: str | Path) -> Path:
-    """Path of built-in asset `name` (a key of `NAMES`), building the whole set on first use."""
-    if name not in NAMES:
-        raise KeyError(f"unknown built-in {name!r}; expected one of {sorted(NAMES)}")
-    cache_dir = Path(cache_dir).expanduser()
-    root = cache_dir / VERSION
+    """Path of built-in asset `name` (a key of opd.catalog.BUILTINS), building its whole set on first use."""
+    if name not in BUILTINS:
+        raise KeyError(f"unknown built-in {name!r}; expected one of {sorted(BUILTINS)}")
+    entry = BUILTINS[name]
+    root = ensure_set(entry.group, Path(cache_dir).expanduser())
+    return root / entry.path
+
+
+def ensure_set(group: str, cache_dir: Path) -> Path:
+    """`cache_dir/group`, built by its builder in a temp dir and moved into place unless already there."""
+    root = cache_dir / group
     if not (root / "meta.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(cache_dir / f".{VERSION}.lock", "w") as lock:
+        with open(cache_dir / f".{group}.lock", "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 print(f"[opd.assets] waiting for another process to finish building {root}", flush=True)
                 fcntl.flock(lock, fcntl.LOCK_EX)  # then finds the finished set below
             if not (root / "meta.json").is_file():
-                for stale in cache_dir.glob(f".{VERSION}-*"):  # left by a builder that was killed
+                for stale in cache_dir.glob(f".{group}-*"):  # left by a builder that was killed
                     shutil.rmtree(stale, ignore_errors=True)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=cache_dir))
+                tmp = Path(tempfile.mkdtemp(prefix=f".{group}-", dir=cache_dir))
                 tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
                 try:
-                    print(f"[opd.assets] building built-in addition assets in {root} (first use only)", flush=True)
-                    build(tmp)
+                    print(f"[opd.assets] building built-in set {group} in {root} (first use only)", flush=True)
+                    BUILDERS[group](tmp)
                     if root.exists():  # incomplete (no meta.json): not something this code wrote
                         shutil.rmtree(root)
                     os.replace(tmp, root)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-    return root / NAMES[name]
+    return root
 
 
 def build(out: str | Path, teacher: Recipe = TEACHER, student: Recipe = STUDENT) -> dict:
@@ -304,3 +307,7 @@ def evaluate(model, tokenizer, rows: list[dict]) -> dict[str, float]:
 
 def _fmt(result: dict[str, float]) -> str:
     return f"greedy accuracy {result['accuracy']:.1%} (well-formed {result['well_formed']:.1%})"
+
+
+BUILDERS: dict[str, Callable[[Path], dict]] = {ADDITION: build, pretrained.SMOLLM2: pretrained.build}
+"""How each set of opd.catalog is built into a directory (its meta.json written last)."""

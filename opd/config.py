@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opd.buffer.replay import ORDERS as BUFFER_ORDERS
+from opd.catalog import BUILTINS, names
 from opd.learner.loss_types import LOSS_TYPES
 from opd.licenses import LicenseWarning, license_problems
 from opd.teachers.combine import RULES, SELECTING
@@ -562,6 +563,11 @@ def check_async(cfg: OPDConfig) -> None:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _builtin_kind(value: str) -> str | None:
+    entry = BUILTINS.get(value.removeprefix(BUILTIN))
+    return entry.kind if entry else None
+
+
 def check_paths(cfg: OPDConfig) -> None:
     """Local paths must exist; `builtin:` names are built later; `org/name` may be a hub id."""
     from opd.data.files import source_problem  # here: loading a config needs no jinja2 (opd.data imports it)
@@ -570,8 +576,8 @@ def check_paths(cfg: OPDConfig) -> None:
     models |= {f"teachers.{i}.model": t.model for i, t in enumerate(cfg.teachers)}
     for key, value in models.items():
         if value.startswith(BUILTIN):
-            if value.removeprefix(BUILTIN) not in ("addition-student", "addition-teacher"):
-                raise ConfigError(f"{key}={value}: unknown built-in; use builtin:addition-student or -teacher")
+            if _builtin_kind(value) != "model":
+                raise ConfigError(f"{key}={value}: unknown built-in model; use one of {', '.join(names('model'))}")
         elif not Path(value).exists() and not _HUB_ID.match(value):
             raise ConfigError(f"{key}={value}: no such directory, and not a hub id like org/name")
         elif Path(value).exists() and not (Path(value) / "config.json").exists():
@@ -580,8 +586,8 @@ def check_paths(cfg: OPDConfig) -> None:
     sources |= {f"data.eval.{name}" if name else "data.eval": path for name, path in cfg.data.eval_sets().items()}
     for key, value in sources.items():
         if value.startswith(BUILTIN):
-            if value.removeprefix(BUILTIN) not in ("addition/train", "addition/eval"):
-                raise ConfigError(f"{key}={value}: unknown built-in; use builtin:addition/train or /eval")
+            if _builtin_kind(value) != "data":
+                raise ConfigError(f"{key}={value}: unknown built-in data; use one of {', '.join(names('data'))}")
         elif problem := source_problem(value):
             raise ConfigError(f"{key}={value}: {problem}")
     if cfg.data.chat_template not in ("auto", "none") and not Path(cfg.data.chat_template).is_file():

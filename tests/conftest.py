@@ -51,3 +51,16 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
         "train": write_jsonl(root / "train.jsonl", rows[:240]),
         "eval": write_jsonl(root / "eval.jsonl", rows[240:]),
     }
+
+
+@pytest.fixture(scope="session")
+def smollm2_assets(tmp_path_factory) -> dict[str, Path]:
+    """The SmolLM2 built-ins by name (opd/pretrained.py), built once per session through the built-in cache.
+
+    About 45 s on 2 cores (dequantizing the GGUF), 700 MB on disk; tests using it are `integration`.
+    """
+    from opd.assets import ensure_builtin
+    from opd.catalog import BUILTINS, SMOLLM2
+
+    cache = tmp_path_factory.mktemp("cache")
+    return {name: ensure_builtin(name, cache) for name, entry in BUILTINS.items() if entry.group == SMOLLM2}
