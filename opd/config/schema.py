@@ -1,0 +1,151 @@
+"""The whole run's schema, `OPDConfig`: its sections, and the rules that tie sections together.
+
+Each section checks itself in `__post_init__` (OmegaConf.to_object builds sections before the whole); the
+rules across sections are here, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from opd.config.base import ConfigError
+from opd.config.models import (
+    CombineConfig,
+    CorrectionConfig,
+    DataConfig,
+    EngineConfig,
+    JudgeConfig,
+    StudentConfig,
+    TeacherConfig,
+    check_teachers,
+)
+from opd.config.training import (
+    BufferConfig,
+    CheckpointConfig,
+    EvalConfig,
+    FaultConfig,
+    LearnerConfig,
+    LossConfig,
+    PipelineConfig,
+    RayConfig,
+    RolloutConfig,
+    WandbConfig,
+)
+from opd.learner.loss_types import LOSS_TYPES
+
+
+@dataclass
+class OPDConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
+    combine: CombineConfig = field(default_factory=CombineConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher_engine: EngineConfig = field(default_factory=EngineConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mode: Literal["on_policy", "offline"] = "on_policy"
+    """on_policy: the student samples, the teacher scores. offline: the teacher samples, the student imitates."""
+    rounds: int = 30
+    output_dir: str = "outputs/default"
+    cache_dir: str = "outputs/cache"
+    """Where built-in models and data are built once and reused."""
+    seed: int = 0
+    resume: str | None = None
+    """auto: continue from the newest complete checkpoint in output_dir (start fresh if none);
+    a path: continue from that run directory's newest checkpoint, writing to it."""
+
+    def __post_init__(self) -> None:
+        """Each section checked itself as it was built (sections are built before the whole); here, the whole."""
+        if self.rounds < 1:
+            raise ConfigError(f"rounds={self.rounds} must be >= 1")
+        check_teachers(self.teachers)
+        check_across(self)
+
+
+def check_across(cfg: OPDConfig) -> None:
+    """Rules that tie sections together; each message names the keys and why."""
+    loss = LOSS_TYPES.get(cfg.loss.type)
+    if cfg.mode == "offline" and loss.mode != "offline":
+        offline = " or ".join(n for n in LOSS_TYPES.names() if LOSS_TYPES.get(n).mode == "offline")
+        raise ConfigError(f"mode=offline trains on teacher samples, so it needs loss.type={offline}")
+    if cfg.mode == "on_policy" and loss.mode != "on_policy":
+        raise ConfigError(f"loss.type={cfg.loss.type} imitates teacher samples; use it with mode=offline")
+    names = [t.name for t in cfg.teachers]
+    if cfg.combine.rule == "route":
+        for value, teacher in [*cfg.combine.routes.items(), ("combine.default", cfg.combine.default)]:
+            if teacher is not None and teacher not in names:
+                raise ConfigError(f"combine.routes: {value!r} -> {teacher!r}, which is not a teacher name ({names})")
+    for key, teacher in (("judge.teacher", cfg.judge.teacher), ("correction.teacher", cfg.correction.teacher)):
+        if teacher is not None and teacher not in names:
+            raise ConfigError(f"{key}={teacher!r} is not a teacher name ({names})")
+    if cfg.judge.kind == "none" and cfg.combine.rule == "best_of":
+        raise ConfigError("combine.rule=best_of ranks the teachers' own answers by judge score: set judge.kind")
+    if cfg.judge.advantage_coef and cfg.loss.type != "reverse_kl":
+        raise ConfigError("judge.advantage_coef mixes scores into the policy-gradient advantage: loss.type=reverse_kl")
+    if cfg.correction.enabled and cfg.mode != "on_policy":
+        raise ConfigError("correction.enabled rewrites the student's own samples: it needs mode=on_policy")
+    for i, t in enumerate(cfg.teachers):
+        if t.backend == "vllm" and cfg.rollout.temperature != 1.0 and cfg.mode == "on_policy":
+            raise ConfigError(
+                f"teachers.{i}.backend=vllm scores at temperature 1 (vLLM prompt log-probs skip temperature), "
+                f"but rollout.temperature={cfg.rollout.temperature}; use backend=transformers or temperature 1"
+            )
+    check_batches(cfg.rollout, cfg.learner, cfg.buffer)
+    if cfg.pipeline.mode == "async":
+        check_async(cfg)
+    if cfg.rollout.colocate:
+        if cfg.rollout.gpus_per_worker <= 0 or cfg.learner.gpus_per_shard <= 0:
+            raise ConfigError(
+                "rollout.colocate shares GPUs between engines and learner: set rollout.gpus_per_worker "
+                "and learner.gpus_per_shard (vLLM sleep mode needs a GPU)"
+            )
+        if cfg.rollout.num_workers != cfg.learner.num_shards:
+            raise ConfigError(
+                f"rollout.colocate pairs rollout worker i with learner shard i: rollout.num_workers="
+                f"{cfg.rollout.num_workers} must equal learner.num_shards={cfg.learner.num_shards}"
+            )
+
+
+def check_batches(rollout: RolloutConfig, learner: LearnerConfig, buffer: BufferConfig) -> None:
+    """What a round trains on must split evenly into the learner's optimizer steps x shards."""
+    made = rollout.prompts_per_round * rollout.samples_per_prompt
+    step = learner.mini_batches * learner.num_shards
+    split = f"split evenly into learner.mini_batches={learner.mini_batches} x learner.num_shards={learner.num_shards}"
+    if buffer.train_per_round:
+        if not 0 < buffer.train_per_round <= made:
+            raise ConfigError(
+                f"buffer.train_per_round={buffer.train_per_round} must be between 1 and the {made} samples a "
+                "round makes (rollout.prompts_per_round x samples_per_prompt), or 0 for all of them"
+            )
+        if buffer.train_per_round % step:
+            raise ConfigError(f"buffer.train_per_round={buffer.train_per_round} must {split}")
+    elif made % step:
+        raise ConfigError(
+            f"a round makes {made} samples (rollout.prompts_per_round x samples_per_prompt), which must {split}"
+        )
+
+
+def check_async(cfg: OPDConfig) -> None:
+    """pipeline.mode=async trains on samples generated `depth` rounds earlier, beside the learner."""
+    if cfg.mode != "on_policy":
+        raise ConfigError("pipeline.mode=async overlaps student generation with learning: it needs mode=on_policy")
+    lag = cfg.pipeline.depth * cfg.learner.mini_batches
+    if cfg.buffer.max_staleness < lag:
+        raise ConfigError(
+            f"pipeline.mode=async with pipeline.depth={cfg.pipeline.depth} trains on samples that many rounds "
+            f"old, {lag} policy versions (learner.mini_batches={cfg.learner.mini_batches}, one per optimizer "
+            f"step): buffer.max_staleness={cfg.buffer.max_staleness} must be at least that"
+        )
+    if cfg.rollout.colocate:
+        raise ConfigError("rollout.colocate puts the engines to sleep while the learner steps: use pipeline.mode=sync")

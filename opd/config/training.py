@@ -1,0 +1,204 @@
+"""The sections that say how the run trains and runs: rollout, learner, loss, buffer, evaluation, pipeline,
+checkpoints, faults, W&B and Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from opd.buffer.replay import ORDERS as BUFFER_ORDERS
+from opd.config.base import ConfigError, at_least_one, one_of
+from opd.config.models import EngineConfig
+from opd.learner.loss_types import LOSS_TYPES
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 2
+    prompts_per_round: int = 64
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    gpus_per_worker: float = 0
+    """GPUs each rollout worker reserves (vLLM tensor parallel size on a GPU cluster)."""
+    cpus_per_worker: float = 1
+    colocate: bool = False
+    """Rollout worker i and learner shard i share placement bundle i (the same GPUs); engines sleep (vLLM sleep
+    mode frees their memory) while the learner steps and wake for the weight sync. GPUs only."""
+    weight_sync: Literal["auto", "gloo", "nccl", "ipc"] = "auto"
+    """Learner -> rollout transport: auto is ipc (CUDA IPC, no copy over the wire) when colocated, nccl when
+    rollout workers have GPUs, else gloo (CPU)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        at_least_one("rollout", self, "num_workers", "prompts_per_round", "samples_per_prompt", "max_new_tokens")
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature={self.temperature} must be >= 0")
+        if self.weight_sync == "ipc" and not self.colocate:
+            raise ConfigError(
+                "rollout.weight_sync=ipc hands over CUDA memory on one GPU: it needs rollout.colocate=true"
+            )
+        if self.max_new_tokens >= self.engine.max_model_len:
+            raise ConfigError(
+                f"rollout.max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
+                f"rollout.engine.max_model_len={self.engine.max_model_len}"
+            )
+
+
+@dataclass
+class LearnerConfig:
+    num_shards: int = 2
+    zero_stage: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    micro_batch_size: int = 32
+    """Sequences per forward/backward on one shard."""
+    mini_batches: int = 1
+    """Optimizer steps per round: the round's samples are split into this many batches."""
+    grad_clip: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
+    bf16: bool = True
+    """Train in bf16 on GPUs (CPU always trains in fp32)."""
+    gpus_per_shard: float = 0
+    """GPUs each shard's actor reserves; 1 on a GPU cluster."""
+    cpus_per_shard: float = 1
+
+    def __post_init__(self) -> None:
+        at_least_one("learner", self, "num_shards", "micro_batch_size", "mini_batches")
+        if self.lr <= 0:
+            raise ConfigError(f"learner.lr={self.lr} must be > 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class LossConfig:
+    type: str = "reverse_kl"
+    """The objective by name: opd/learner/loss_types.py declares them (README "Losses" compares them)."""
+    beta: float = 0.5
+    """Generalized JSD interpolation: 0 is forward KL, 1 is reverse KL."""
+    top_k: int = 8
+    """Teacher alternatives kept per token (top-k KL / JSD on top-k logits)."""
+    is_cap: float = 2.0
+    """Cap on the importance weight between the learner and the sampling policy."""
+
+    def __post_init__(self) -> None:
+        one_of("loss.type", self.type, LOSS_TYPES.names())
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"loss.beta={self.beta} must lie in [0, 1]")
+        at_least_one("loss", self, "top_k")
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = 65536
+    """Samples held at most; the oldest are evicted first."""
+    max_staleness: int = 4
+    """Samples generated more than this many policy versions (optimizer steps) ago are never trained on; async
+    trains on samples pipeline.depth rounds, i.e. depth x learner.mini_batches versions, old."""
+    num_shards: int = 1
+    """Buffer actors; samples are placed by a hash of their prompt and drawn from every shard."""
+    order: str = "fifo"
+    """fifo (oldest first) or disagreement (samples the teacher disagrees with most first: priority sampling)."""
+    train_per_round: int = 0
+    """Samples the learner trains on per round; 0: as many as the round generates. Fewer, with
+    order=disagreement, trains on the ones the teacher disagrees with most; the rest wait in the buffer for a
+    later round while fresh enough (max_staleness), then are dropped and counted."""
+
+    def __post_init__(self) -> None:
+        if self.train_per_round < 0:
+            raise ConfigError(f"buffer.train_per_round={self.train_per_round} must be >= 0")
+        at_least_one("buffer", self, "num_shards", "capacity")
+        one_of("buffer.order", self.order, BUFFER_ORDERS)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5
+    """Evaluate every N rounds (and always before the first and after the last)."""
+    samples_per_prompt: int = 2
+    """k: student samples per eval prompt, for the reverse-KL estimate and, on prompts with answers, pass@k and
+    mean@k (the unbiased estimators over these k samples)."""
+    temperature: float | None = None
+    """Temperature of the pass@k samples; None: rollout.temperature (then the reverse-KL samples serve)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the pass@k samples (the reverse-KL samples always sample the full distribution)."""
+    verifier: str | None = None
+    """What counts as a correct eval answer: a judge verifier (exact_answer: the last number; math: math-verify,
+    `\\boxed{}` first; contains_answer; `module:function`). None: judge.verifier when judge.kind=verifier, else
+    exact_answer. A response is correct when the verifier scores it 0.5 or more."""
+
+    def __post_init__(self) -> None:
+        at_least_one("eval", self, "every", "samples_per_prompt")
+        if self.temperature is not None and self.temperature < 0:
+            raise ConfigError(f"eval.temperature={self.temperature} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"eval.top_p={self.top_p} must lie in (0, 1]")
+
+
+@dataclass
+class PipelineConfig:
+    mode: Literal["sync", "async"] = "sync"
+    """sync: generate, score, learn and sync in turn. async: while the learner trains on round r, the teachers
+    score round r+1 as soon as it is generated, and round r+1+depth generates from round r's sync on; samples are
+    `depth` rounds (depth x learner.mini_batches versions) old when trained on, and truncated importance weights
+    (loss.is_cap) correct for it."""
+    depth: int = 1
+    """async: rounds generated ahead of the one learning, i.e. how many rounds old samples are when trained on.
+    1: a round's generation and its scoring run in turn while the previous round learns. 2: generation, scoring
+    and learning each work on their own round at once (round r+3 generates from round r's sync on), so a round
+    takes about the slowest stage instead of half the sum of all; samples are then two rounds old."""
+
+    def __post_init__(self) -> None:
+        if self.mode == "async" and self.depth < 1:
+            raise ConfigError(f"pipeline.depth={self.depth}: async generates at least one round ahead")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save learner (model, optimizer), controller state and replay buffer every N rounds; 0 never."""
+    keep: int = 2
+    """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
+
+
+@dataclass
+class FaultConfig:
+    """How a run survives failing actors and bad numbers (see README "What a run survives")."""
+
+    max_restarts: int = 3
+    """Times Ray restarts a dead rollout worker or teacher replica (its in-flight calls are re-issued)."""
+    teacher_timeout_s: float = 600.0
+    """A teacher call taking longer than this is cancelled and retried."""
+    teacher_retries: int = 2
+    """Retries of a timed-out or failed teacher call before the teacher counts as failing."""
+    restart_timeout_s: float = 900.0
+    """How long a restarted actor may take to load its model again."""
+    on_teacher_failure: Literal["drop", "stop"] = "stop"
+    """drop: take a failing teacher out of the pool (if others remain) with a loud warning; stop: end the run."""
+    max_nonfinite_steps: int = 3
+    """Learner steps with a non-finite loss are skipped and counted; this many in a row stops the run."""
+    learner_resumes: int = 1
+    """When a learner shard dies, restart every actor from the last checkpoint this many times."""
+
+    def __post_init__(self) -> None:
+        at_least_one("faults", self, "max_nonfinite_steps")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "opd"
+    group: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Existing cluster to join (or set RAY_ADDRESS); a local one is started otherwise."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy for each role's actors: PACK fills few nodes, SPREAD spreads over many."""
+    placement_timeout_s: float = 120.0
+    """How long to wait for the cluster to place every role before failing with the plan."""
