@@ -77,7 +77,9 @@ class Controller:
         else:
             start = self.restore(resume)
             print(f"resumed from {resume} at round {start}, policy version {self.version}", flush=True)
-        sets = self.evaluator.sets
+        # The progress line: the train reverse KL and each eval set's greedy accuracy.
+        shown = {"train/reverse_kl": "kl"}
+        shown |= {f"{prefix(n)}student_accuracy": f"acc{n and f'[{n}]'}" for n in self.evaluator.sets}
         bar = tqdm(range(start + 1, cfg.rounds + 1), desc="distilling", unit="round", dynamic_ncols=True)
         bar.update(start)
         for r in bar:
@@ -88,7 +90,6 @@ class Controller:
             self.monitor.log(metrics, step=r)
             if cfg.checkpoint.every and (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
                 self.save_checkpoint(r)
-            shown = {"train/reverse_kl": "kl"} | {f"{prefix(n)}student_accuracy": f"acc{n and f'[{n}]'}" for n in sets}
             bar.set_postfix({label: f"{metrics[k]:.3g}" for k, label in shown.items() if k in metrics})
         self.schedule.close()
         student_path = os.path.abspath(os.path.join(cfg.output_dir, "student"))
