@@ -16,6 +16,7 @@ from opd import plan
 from opd.buffer.sharded import ShardedBuffer
 from opd.compat import check_cpu_attention, check_top_k, cross_tokenizer_teachers
 from opd.config import ConfigError, OPDConfig
+from opd.config.schema import weight_backend
 from opd.controller import Controller
 from opd.data import Prompt, encode
 from opd.evaluation import Evaluator
@@ -26,14 +27,6 @@ from opd.teachers import judge
 from opd.teachers.combine import route_teacher
 from opd.teachers.feedback import Feedback
 from opd.teachers.pool import TeacherPool
-
-
-def weight_backend(cfg: OPDConfig) -> str:
-    """`rollout.weight_sync`, with `auto` resolved: ipc when colocated, nccl between GPUs, else gloo."""
-    backend = cfg.rollout.weight_sync
-    if backend != "auto":
-        return backend
-    return "ipc" if cfg.rollout.colocate else "nccl" if cfg.rollout.gpus_per_worker > 0 else "gloo"
 
 
 def eval_verifier_name(cfg: OPDConfig) -> str:
@@ -116,6 +109,8 @@ def start(
     feedback = Feedback(cfg, pool, tokenizer, {e.prompt.index: e for e in train_set}, verifier)
     buf = cfg.buffer
     buffer = ShardedBuffer(buf.num_shards, buf.capacity, buf.max_staleness, buf.order)
+    if cfg.rollout.colocate:
+        rollout.ready()  # vLLM sizes its KV cache from the free GPU memory: the learner must not allocate meanwhile
     learner = LearnerGroup(
         student,
         cfg.learner,
@@ -125,6 +120,7 @@ def start(
         cfg.correction.sft_weight,
         cfg.faults.max_nonfinite_steps,
         groups["learner"],
+        colocate=cfg.rollout.colocate,
     )
     rollout.ready()
     pool.ready()

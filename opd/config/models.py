@@ -31,6 +31,11 @@ class EngineConfig:
     enforce_eager: bool = True
     """Skip CUDA graph capture; start-up matters more than decode speed for small models."""
     tensor_parallel_size: int = 1
+    """GPUs one engine shards over: equal to the GPUs its actor holds (rollout.gpus_per_worker,
+    teachers.N.gpus_per_replica); 1 on a fraction of a GPU or on CPU."""
+    kv_cache_memory_bytes: int | None = None
+    """On GPU, the KV cache's size per GPU in bytes, instead of what `gpu_memory_utilization` leaves after vLLM's
+    memory profiling. Set it with rollout.colocate: the learner shares the GPU, so free memory is no guide."""
     cpu_kv_cache_gib: int = 1
     """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
     cpu_threads_bind: str = "nobind"

@@ -115,6 +115,56 @@ def check_across(cfg: OPDConfig) -> None:
                 f"rollout.colocate pairs rollout worker i with learner shard i: rollout.num_workers="
                 f"{cfg.rollout.num_workers} must equal learner.num_shards={cfg.learner.num_shards}"
             )
+        shared = cfg.rollout.gpus_per_worker + cfg.learner.gpus_per_shard
+        if shared > 1:
+            raise ConfigError(
+                f"rollout.colocate puts a rollout worker and a learner shard on one GPU: rollout.gpus_per_worker="
+                f"{cfg.rollout.gpus_per_worker} + learner.gpus_per_shard={cfg.learner.gpus_per_shard} must be <= 1"
+            )
+    check_gpus(cfg)
+
+
+def weight_backend(cfg: OPDConfig) -> str:
+    """`rollout.weight_sync`, with `auto` resolved: ipc when colocated, nccl when every transfer rank (learner
+    shard, rollout worker) holds whole GPUs of its own, else gloo (NCCL refuses two ranks on one GPU)."""
+    backend = cfg.rollout.weight_sync
+    if backend != "auto":
+        return backend
+    if cfg.rollout.colocate:
+        return "ipc"
+    return "nccl" if cfg.rollout.gpus_per_worker >= 1 and cfg.learner.gpus_per_shard >= 1 else "gloo"
+
+
+def check_gpus(cfg: OPDConfig) -> None:
+    """What the GPU transports and tensor-parallel engines need of the GPU shares."""
+    rollout, learner = cfg.rollout, cfg.learner
+    if rollout.weight_sync == "nccl" and (
+        rollout.colocate or rollout.gpus_per_worker < 1 or learner.gpus_per_shard < 1
+    ):
+        raise ConfigError(
+            "rollout.weight_sync=nccl needs every transfer rank on GPUs of its own (NCCL refuses two ranks of one "
+            f"group on one GPU): rollout.colocate={rollout.colocate}, rollout.gpus_per_worker="
+            f"{rollout.gpus_per_worker} and learner.gpus_per_shard={learner.gpus_per_shard} share GPUs; "
+            "use weight_sync=auto"
+        )
+    check_tensor_parallel(
+        "rollout.engine.tensor_parallel_size", rollout.engine, "rollout.gpus_per_worker", rollout.gpus_per_worker
+    )
+    for i, t in enumerate(cfg.teachers):
+        if t.backend == "vllm":
+            check_tensor_parallel(
+                "teacher_engine.tensor_parallel_size",
+                cfg.teacher_engine,
+                f"teachers.{i}.gpus_per_replica",
+                t.gpus_per_replica,
+            )
+
+
+def check_tensor_parallel(key: str, engine: EngineConfig, gpus_key: str, gpus: float) -> None:
+    """A vLLM engine on GPUs shards over exactly the GPUs its actor holds (a fraction of one GPU: no sharding)."""
+    tp = engine.tensor_parallel_size
+    if gpus > 0 and (gpus >= 1 or tp > 1) and tp != gpus:
+        raise ConfigError(f"{key}={tp} must equal {gpus_key}={gpus}: the engine shards over the GPUs its actor holds")
 
 
 def check_batches(rollout: RolloutConfig, learner: LearnerConfig, buffer: BufferConfig) -> None:

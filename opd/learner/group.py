@@ -80,12 +80,14 @@ class LearnerGroup:
         sft_weight: float,
         max_nonfinite_steps: int,
         group,
+        colocate: bool = False,
     ) -> None:
+        """`colocate`: each shard shares its GPU with a sleeping rollout engine (see `LearnerShard`)."""
         actor = ray.remote(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard)(LearnerShard)
         n = cfg.num_shards
         self.shards = [
             actor.options(**plan.slot(group, rank)).remote(
-                rank, n, model, cfg, loss_cfg, temperature, sft_weight, max_nonfinite_steps
+                rank, n, model, cfg, loss_cfg, temperature, sft_weight, max_nonfinite_steps, colocate
             )
             for rank in range(n)
         ]

@@ -69,10 +69,13 @@ class LearnerShard(Placed):
         temperature: float,
         sft_weight: float,
         max_nonfinite_steps: int,
+        colocate: bool = False,
     ) -> None:
         self.rank, self.world_size = rank, world_size
         self.model_path, self.cfg, self.loss_cfg, self.temperature = model, learner_cfg, loss_cfg, temperature
         self.sft_weight = sft_weight
+        self.colocate = colocate
+        """Shares its GPU with a rollout engine that wakes after the step: the allocator's cache is handed back."""
         self.nonfinite = guard.SkipCounter(max_nonfinite_steps)
         self.step = 0
         self.transfer = None
@@ -153,30 +156,27 @@ class LearnerShard(Placed):
         grad_norm = self.engine.get_global_grad_norm()
         sums |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         sums |= {"learner_step_s": time.perf_counter() - t0, "tokens": float(total_tokens)}
+        if self.colocate and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # else the step's peak stays reserved and the waking engine finds no room
         return sums
 
     def init_weight_transfer(self, address: str, port: int, world_size: int, rollout_handles: list, backend: str):
-        """Join the learner->rollout transfer group (rank 0 sends; other ranks only help gather)."""
+        """Join the learner->rollout transfer group (rank 0 sends; other ranks only help gather), leaving the
+        previous one first (a replaced rollout group): its communicator and store would otherwise leak."""
         from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
 
         from opd.rollout import weight_sync
 
+        if self.transfer is not None:
+            self.transfer.shutdown()
+            self.transfer = None
         ranks_per_engine = (world_size - 1) // max(len(rollout_handles), 1)
         client = weight_sync.RolloutGroupClient(rollout_handles, ranks_per_engine)
-        if backend == "ipc":  # colocated on the same GPUs: CUDA IPC handles, no rendezvous
-            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
-
-            info = IPCTrainerInitInfo(rank=self.rank)
-        else:
-            if backend == "nccl":
-                from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo as InitInfo
-            else:
-                InitInfo = weight_sync.GlooTrainerInitInfo
-            info = InitInfo(address, port, world_size, rank=self.rank)
+        source = ZeroWeightSource(self.engine.module)
+        largest = max(math.prod(m.shape) * m.dtype.itemsize for m in source.metadata())
+        info = weight_sync.trainer_init_info(backend, self.rank, address, port, world_size, largest)
         self.client = client
-        self.transfer = WeightTransferTrainerFactory.trainer_init(
-            info, client=client, source=ZeroWeightSource(self.engine.module)
-        )
+        self.transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
 
     def send_weights(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -204,12 +204,20 @@ class LearnerShard(Placed):
         return self.step
 
     def save(self, path: str) -> None:
-        """Write a Hugging Face checkpoint of the full (gathered) student; rank 0 writes."""
-        import deepspeed
-
-        params = list(self.engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        """Write a Hugging Face checkpoint of the full student; rank 0 writes. Every rank gathers one layer at a
+        time (a collective), so no device ever holds the whole model; rank 0 keeps each layer's CPU copy."""
+        module = self.engine.module
+        source = ZeroWeightSource(module)
+        gathered: dict[int, torch.Tensor] = {}  # id(parameter) -> its full CPU copy (tied weights share one)
+        for names, tensors in source.iter_groups():
             if self.rank == 0:
-                state = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-                self.engine.module.save_pretrained(path, state_dict=state)
-                self.tokenizer.save_pretrained(path)
+                gathered |= {
+                    id(source.params[n]): t.detach().cpu().clone() for n, t in zip(names, tensors, strict=True)
+                }
+        if self.rank == 0:
+            state = {
+                k: gathered[id(v)] if id(v) in gathered else v.detach().cpu().clone()
+                for k, v in module.state_dict(keep_vars=True).items()
+            }
+            module.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)

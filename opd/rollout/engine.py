@@ -88,6 +88,12 @@ def make_llm(model: str, engine, seed: int, **extra):
     import torch
     from vllm import LLM
 
+    if engine.tensor_parallel_size > 1:
+        # Inside a Ray placement group vLLM would pick its Ray executor, which refuses a multi-GPU bundle;
+        # its multiprocessing executor shards over the GPUs this actor holds.
+        extra.setdefault("distributed_executor_backend", "mp")
+    if engine.kv_cache_memory_bytes is not None:
+        extra.setdefault("kv_cache_memory_bytes", engine.kv_cache_memory_bytes)
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind

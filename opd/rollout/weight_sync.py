@@ -230,6 +230,25 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.group = None
 
 
+def trainer_init_info(
+    backend: str, rank: int, address: str, port: int, world_size: int, largest_bytes: int
+) -> TrainerInitInfo:
+    """The learner side's init info for `backend`. IPC is packed: each layer is copied into one reused buffer
+    (at least 1 GiB, and as large as the largest parameter) that the engines read, instead of every gathered
+    tensor being kept alive, a full model copy per rank, until the engines have loaded them all."""
+    if backend == "ipc":  # colocated on the same GPUs: CUDA IPC handles, no rendezvous
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+        from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
+
+        size = max(DEFAULT_PACKED_BUFFER_SIZE_BYTES, largest_bytes)
+        return IPCTrainerInitInfo(rank=rank, packed=True, packed_buffer_size_bytes=size)
+    if backend == "nccl":
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        return NCCLTrainerInitInfo(address, port, world_size, rank=rank)
+    return GlooTrainerInitInfo(address, port, world_size, rank=rank)
+
+
 def register() -> None:
     """Add the gloo engines to vLLM's registries (idempotent: each process imports this once)."""
     if BACKEND not in WeightTransferEngineFactory._registry:
@@ -281,12 +300,15 @@ class RolloutGroupClient:
         worker with the weights, in `finish_weight_update`, so samples are never tagged with a stale version."""
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        """Each engine's ranks follow the previous engine's; IPC's handshake has no ranks (only `packed`)."""
         import ray
 
-        base = init_info["rank_offset"]
+        base = init_info.get("rank_offset")
         ray.get(
             [
-                h.init_weight_transfer_engine.remote(dict(init_info, rank_offset=base + i * self.ranks_per_engine))
+                h.init_weight_transfer_engine.remote(
+                    init_info if base is None else dict(init_info, rank_offset=base + i * self.ranks_per_engine)
+                )
                 for i, h in enumerate(self.handles)
             ]
         )

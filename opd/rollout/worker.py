@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -21,6 +22,10 @@ class RolloutWorker(Placed):
 
     def __init__(self, model: str, engine_cfg, weight_backend: str, seed: int, colocate: bool = False) -> None:
         sleep = {"enable_sleep_mode": True} if colocate else {}  # GPU only: frees memory for a colocated learner
+        if weight_backend == "ipc":
+            # CUDA IPC handles are tuples that vLLM's msgpack refuses to carry to its engine-core process
+            # without this (the process inherits it from here); the engine only reads handles from the learner.
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         self.llm = vllm_engine.make_llm(
             model,
             engine_cfg,
