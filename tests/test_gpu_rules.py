@@ -150,3 +150,27 @@ def test_reconnecting_the_learner_shuts_the_old_transfer_group_down(monkeypatch)
     shard.init_weight_transfer("a", 9, 2, [object()], "gloo")
     shard.init_weight_transfer("a", 9, 2, [object()], "gloo")
     assert [t.closed for t in made] == [True, False] and shard.transfer is made[1]
+
+
+def test_a_weight_sync_past_its_deadline_aborts_the_transfer_group():
+    """An NCCL broadcast to a dead engine never returns by itself; aborting the communicator ends it."""
+    import threading
+
+    from opd.rollout.weight_sync import send_within
+
+    class StuckTransfer:
+        def __init__(self) -> None:
+            self.aborted = threading.Event()
+
+        def send_weights(self) -> None:
+            self.aborted.wait(30)
+
+        def shutdown(self) -> None:
+            self.aborted.set()
+
+    stuck = StuckTransfer()
+    with pytest.raises(TimeoutError, match="transfer group was aborted"):
+        send_within(stuck, 0.2)
+    assert stuck.aborted.is_set()
+    done = SimpleNamespace(send_weights=lambda: None, shutdown=lambda: pytest.fail("aborted a finished sync"))
+    send_within(done, 5)

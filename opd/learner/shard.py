@@ -79,6 +79,7 @@ class LearnerShard(Placed):
         self.nonfinite = guard.SkipCounter(max_nonfinite_steps)
         self.step = 0
         self.transfer = None
+        self.backend = ""
         self.client = None
         """The rollout group's weight-sync client (`init_weight_transfer`); carries the version of each send."""
 
@@ -175,13 +176,18 @@ class LearnerShard(Placed):
         source = ZeroWeightSource(self.engine.module)
         largest = max(math.prod(m.shape) * m.dtype.itemsize for m in source.metadata())
         info = weight_sync.trainer_init_info(backend, self.rank, address, port, world_size, largest)
-        self.client = client
+        self.client, self.backend = client, backend
         self.transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
 
     def send_weights(self) -> dict[str, float]:
         t0 = time.perf_counter()
+        from opd.rollout import weight_sync
+
         self.client.version = self.step  # the workers take it up with the weights
-        self.transfer.send_weights()
+        if self.backend == "nccl":
+            weight_sync.send_within(self.transfer, weight_sync.NCCL_SEND_TIMEOUT_S)
+        else:  # gloo's group times out by itself; ipc waits on no peer over the wire
+            self.transfer.send_weights()
         seconds = time.perf_counter() - t0
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in self.transfer.source.metadata())
         return {

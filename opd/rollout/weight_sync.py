@@ -249,6 +249,26 @@ def trainer_init_info(
     return GlooTrainerInitInfo(address, port, world_size, rank=rank)
 
 
+NCCL_SEND_TIMEOUT_S = 600.0
+"""How long one NCCL weight sync may take before its group is aborted (a layer's broadcast takes seconds)."""
+
+
+def send_within(transfer: TrainerWeightTransferEngine, timeout_s: float) -> None:
+    """`transfer.send_weights()`, aborting the transfer group if it has not finished in `timeout_s`.
+
+    NCCL has no timeout of its own: a broadcast to a dead engine would wait forever. vLLM's `shutdown` aborts the
+    communicator (ncclCommAbort), which ends the waiting broadcast; the learner must reconnect before the next sync.
+    """
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(transfer.send_weights).result(timeout=timeout_s)
+    except TimeoutError:
+        transfer.shutdown()
+        raise TimeoutError(f"weight sync took over {timeout_s:.0f}s: its transfer group was aborted") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
 def register() -> None:
     """Add the gloo engines to vLLM's registries (idempotent: each process imports this once)."""
     if BACKEND not in WeightTransferEngineFactory._registry:
