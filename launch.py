@@ -79,7 +79,7 @@ def run(cfg) -> dict:
     from opd.config import to_yaml
     from opd.data import DataError, load_prompts
     from opd.learner.group import LearnerDied
-    from opd.provenance import build_provenance, write_model_card
+    from opd.provenance import StudentCard
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if cfg.resume not in (None, "auto"):
@@ -109,10 +109,11 @@ def run(cfg) -> dict:
     if skipped_train or skipped_eval:
         print(f"skipped {skipped_train} train and {skipped_eval} eval rows (data.on_error=skip)", flush=True)
 
+    card = StudentCard(cfg, student, teachers, data_files, started)
     restarts = cfg.faults.learner_resumes
     while True:
         try:
-            summary = attempt(cfg, student, teachers, train, evals, resume)
+            summary = attempt(cfg, student, teachers, train, evals, resume, card)
             break
         except LearnerDied as err:
             resume = checkpoint.latest(cfg.output_dir)
@@ -121,18 +122,6 @@ def run(cfg) -> dict:
                 sys.exit(f"error: {err}; {why}")
             restarts -= 1
             print(f"{err}: restarting every actor from {resume}", flush=True)
-    final = summary["final"]
-    record = build_provenance(
-        cfg,
-        student_path=final["student_path"],
-        student_base=student,
-        teacher_paths=teachers,
-        signal_share=final["teacher_signal_share"],
-        data_files=data_files,
-        started=started,
-        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    )
-    write_model_card(final["student_path"], record)
     return summary
 
 
@@ -144,8 +133,9 @@ def driver_env_vars(defaults: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in defaults.items() if k not in taken}
 
 
-def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dict[str, list], resume) -> dict:
-    """Start Ray and every actor, run (or resume) the rounds, and always shut Ray down."""
+def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dict[str, list], resume, card) -> dict:
+    """Start Ray and every actor, run (or resume) the rounds, and always shut Ray down; `card` writes each saved
+    student's provenance.json and DISTILLATION.md (the final one's and every export's)."""
     import ray
 
     from opd import checkpoint
@@ -177,7 +167,7 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
         run_id=state.get("wandb_id"),
     )
     try:
-        return start(cfg, student, teachers, train, evals, monitor).run(resume)
+        return start(cfg, student, teachers, train, evals, monitor, card).run(resume)
     except (ConfigError, DataError, IncompatibleModels, PlanError) as err:
         sys.exit(f"error: {err}")
     except NonFiniteStep as err:  # raised on a learner shard; Ray keeps the original as `cause`

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from opd import checkpoint
@@ -42,8 +43,11 @@ class Controller:
         learner,
         evaluator,
         monitor: Monitor,
+        card: Callable[[str, Mapping[str, float]], None] | None = None,
     ) -> None:
-        """The groups: `RolloutGroup`, `TeacherPool`, `Feedback`, `ShardedBuffer`, `LearnerGroup`, `Evaluator`."""
+        """The groups: `RolloutGroup`, `TeacherPool`, `Feedback`, `ShardedBuffer`, `LearnerGroup`, `Evaluator`.
+        `card(path, signal_share)` writes a saved student's provenance (`opd.provenance.StudentCard`)."""
+        self.card = card
         self.cfg, self.train, self.monitor = cfg, train, monitor
         self.rollout, self.teachers, self.feedback = rollout, teachers, feedback
         self.buffer, self.learner, self.evaluator = buffer, learner, evaluator
@@ -88,13 +92,22 @@ class Controller:
                 metrics |= self.evaluator.student()
                 self.monitor.table("samples", self.examples, step=r)
             self.monitor.log(metrics, step=r)
+            # Before the checkpoint: a round that is checkpointed has its export, so a resume need not redo it.
+            if cfg.checkpoint.export_every and r % cfg.checkpoint.export_every == 0:
+                self.export(os.path.abspath(os.path.join(cfg.output_dir, f"student_round_{r}")))
             if cfg.checkpoint.every and (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
                 self.save_checkpoint(r)
             bar.set_postfix({label: f"{metrics[k]:.3g}" for k, label in shown.items() if k in metrics})
         self.schedule.close()
         student_path = os.path.abspath(os.path.join(cfg.output_dir, "student"))
-        self.learner.save(student_path)
+        self.export(student_path)
         return self.monitor.finish(self.summary(student_path))
+
+    def export(self, path: str) -> None:
+        """The student as a Hugging Face checkpoint in `path`, with its provenance when there is a card."""
+        self.learner.save(path)
+        if self.card is not None:
+            self.card(path, self.signal_share)
 
     def round(self, r: int) -> dict[str, float]:
         """Round r: the round's scored samples, through the buffer, one learner step per mini-batch, a sync."""

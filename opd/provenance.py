@@ -9,11 +9,14 @@ vLLM is imported here: a record can be read and written anywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,19 @@ def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """`file_sha256` once per file version: a run writing a student every few rounds hashes its data once."""
+    return file_sha256(path)
+
+
+def _data_sha256(path: str) -> str:
+    if not Path(path).is_file():
+        return MISSING
+    stat = os.stat(path)
+    return _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _normalised_shares(names: list[str], signal_share: Mapping[str, float]) -> dict[str, float]:
@@ -98,7 +114,7 @@ def build_provenance(
         )
     data = {}
     for role, path in data_files.items():
-        data[role] = {"path": str(path), "sha256": file_sha256(path) if Path(path).is_file() else MISSING}
+        data[role] = {"path": str(path), "sha256": _data_sha256(path)}
     return {
         "format": FORMAT_VERSION,
         "opd_version": opd_version or _opd_version(),
@@ -221,4 +237,31 @@ def write_model_card(directory: str | os.PathLike[str], provenance: Mapping[str,
     _atomic_write(root / "DISTILLATION.md", model_card(provenance))
 
 
-__all__ = ["build_provenance", "file_sha256", "model_card", "write_model_card"]
+@dataclass
+class StudentCard:
+    """Writes provenance.json + DISTILLATION.md into a saved student directory: the final student's and each
+    `checkpoint.export_every` export's. What the record needs is fixed when the run starts, except each teacher's
+    share of the signal so far, which the controller passes with each directory."""
+
+    cfg: OPDConfig
+    student_base: str
+    """The resolved path the student started from."""
+    teacher_paths: Mapping[str, str]
+    data_files: Mapping[str, str]
+    started: str
+
+    def __call__(self, path: str, signal_share: Mapping[str, float]) -> None:
+        record = build_provenance(
+            self.cfg,
+            student_path=path,
+            student_base=self.student_base,
+            teacher_paths=self.teacher_paths,
+            signal_share=signal_share,
+            data_files=self.data_files,
+            started=self.started,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        write_model_card(path, record)
+
+
+__all__ = ["StudentCard", "build_provenance", "file_sha256", "model_card", "write_model_card"]

@@ -22,6 +22,7 @@ from opd.data import Prompt, encode
 from opd.evaluation import Evaluator
 from opd.learner.group import LearnerGroup
 from opd.monitoring import Monitor
+from opd.provenance import StudentCard
 from opd.rollout.group import RolloutGroup
 from opd.teachers import judge
 from opd.teachers.combine import route_teacher
@@ -55,8 +56,10 @@ def start(
     train: list[Prompt],
     evals: dict[str, list[Prompt]],
     monitor: Monitor,
+    card: StudentCard | None = None,
 ) -> Controller:
-    """Check, then start every actor of the run (Ray is already up); returns the controller that runs it."""
+    """Check, then start every actor of the run (Ray is already up); returns the controller that runs it, which
+    writes each saved student's provenance with `card`."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(student)
@@ -117,6 +120,7 @@ def start(
         cfg.loss,
         cfg.rollout.temperature,
         Controller.samples_per_step(cfg) // cfg.learner.mini_batches,
+        cfg.rounds * cfg.learner.mini_batches,
         cfg.correction.sft_weight,
         cfg.faults.max_nonfinite_steps,
         groups["learner"],
@@ -129,4 +133,4 @@ def start(
     roles = {"rollout worker": rollout.workers, "learner shard": learner.shards}
     print(plan.placement(roles | {f"teacher {n}": r for n, r in pool.replicas.items()}), flush=True)
     evaluator = Evaluator(cfg, eval_sets, rollout, pool, feedback, tokenizer, eval_verifier)
-    return Controller(cfg, train_set, rollout, pool, feedback, buffer, learner, evaluator, monitor)
+    return Controller(cfg, train_set, rollout, pool, feedback, buffer, learner, evaluator, monitor, card)

@@ -50,6 +50,14 @@ class LearnerConfig:
     num_shards: int = 2
     zero_stage: int = 2
     lr: float = 1e-3
+    """Peak learning rate: every step's under lr_schedule=constant without warm-up."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """How the lr moves over the run's rounds x mini_batches optimizer steps, after any warm-up: constant, or
+    linear / cosine decay to min_lr_ratio x lr at the last step (opd/learner/lr_schedule.py)."""
+    warmup_steps: int = 0
+    """Optimizer steps over which the lr rises linearly from 0 to lr before the schedule starts."""
+    min_lr_ratio: float = 0.0
+    """Where linear / cosine decay ends, as a fraction of lr."""
     weight_decay: float = 0.0
     micro_batch_size: int = 32
     """Sequences per forward/backward on one shard."""
@@ -70,6 +78,10 @@ class LearnerConfig:
             raise ConfigError(f"learner.lr={self.lr} must be > 0")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"learner.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"learner.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"learner.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
 
 
 @dataclass
@@ -161,6 +173,14 @@ class CheckpointConfig:
     """Save learner (model, optimizer), controller state and replay buffer every N rounds; 0 never."""
     keep: int = 2
     """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
+    export_every: int = 0
+    """Write the student as a Hugging Face checkpoint, with provenance.json and DISTILLATION.md, to
+    output_dir/student_round_N every N rounds while the run goes on; 0 never (output_dir/student is always
+    written at the end)."""
+
+    def __post_init__(self) -> None:
+        if self.export_every < 0:
+            raise ConfigError(f"checkpoint.export_every={self.export_every} must be >= 0")
 
 
 @dataclass

@@ -77,12 +77,14 @@ class LearnerGroup:
         loss_cfg,
         temperature: float,
         samples_per_step: int,
+        total_steps: int,
         sft_weight: float,
         max_nonfinite_steps: int,
         group,
         colocate: bool = False,
     ) -> None:
-        """`colocate`: each shard shares its GPU with a sleeping rollout engine (see `LearnerShard`)."""
+        """`total_steps`: the run's optimizer steps, which the lr schedule spans; `colocate`: each shard shares its
+        GPU with a sleeping rollout engine (see `LearnerShard`)."""
         actor = ray.remote(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard)(LearnerShard)
         n = cfg.num_shards
         self.shards = [
@@ -92,7 +94,7 @@ class LearnerGroup:
             for rank in range(n)
         ]
         address, port = self.rendezvous()
-        self.on_all("setup", address, port, samples_per_step // n)
+        self.on_all("setup", address, port, samples_per_step // n, total_steps)
 
     def on_all(self, method: str, *args) -> list:
         """`method(*args)` called on every shard; their results in rank order (see `gather`)."""

@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from vllm.distributed.weight_transfer import ParamMeta, WeightSource
@@ -14,6 +15,7 @@ from vllm.distributed.weight_transfer import ParamMeta, WeightSource
 from opd.buffer.sample import Sample
 from opd.learner import guard, objective
 from opd.learner.batch import collate
+from opd.learner.lr_schedule import lr_factor
 from opd.plan import Placed
 
 
@@ -87,7 +89,9 @@ class LearnerShard(Placed):
         """Rank 0 names the address every rank meets at."""
         return node_address(), free_port()
 
-    def setup(self, address: str, port: int, samples_per_shard: int) -> int:
+    def setup(self, address: str, port: int, samples_per_shard: int, total_steps: int) -> int:
+        """Join the process group and build the DeepSpeed engine; `total_steps` (rounds x mini_batches) is the
+        length the lr schedule spans."""
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,12 +119,22 @@ class LearnerShard(Placed):
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         optim = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
+        # Given to DeepSpeed, the scheduler is stepped after each optimizer step and saved in save_state.
+        factor = partial(
+            lr_factor,
+            total_steps=total_steps,
+            schedule=self.cfg.lr_schedule,
+            warmup_steps=self.cfg.warmup_steps,
+            min_lr_ratio=self.cfg.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optim, factor)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=scheduler, config=ds_config)
         return self.rank
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """One optimizer step on this shard's slice: `accum` micro-batches, then DeepSpeed's all-reduce/step."""
         t0 = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])  # this step's: the scheduler moves it only after the step
         loss_fn = objective.OBJECTIVES.get(self.loss_cfg.type)
         mbs = self.cfg.micro_batch_size
         chunks = [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
@@ -156,7 +170,7 @@ class LearnerShard(Placed):
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         sums |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-        sums |= {"learner_step_s": time.perf_counter() - t0, "tokens": float(total_tokens)}
+        sums |= {"learner_step_s": time.perf_counter() - t0, "tokens": float(total_tokens), "lr": lr}
         if self.colocate and torch.cuda.is_available():
             torch.cuda.empty_cache()  # else the step's peak stays reserved and the waking engine finds no room
         return sums

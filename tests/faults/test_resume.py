@@ -41,6 +41,10 @@ ASYNC_SHARDED = (
 )
 
 
+# A schedule that moves the lr at every step: the resumed run must pick it up at the checkpoint's step.
+COSINE = ("learner.lr_schedule=cosine", "learner.warmup_steps=3", "learner.min_lr_ratio=0.1")
+
+
 def overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         *tiny_overrides(assets, out),
@@ -80,14 +84,14 @@ def lists(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, list)}
 
 
-@pytest.mark.parametrize("extra", [(), ASYNC_SHARDED], ids=["sync", "async-sharded-buffer"])
+@pytest.mark.parametrize("extra", [(), ASYNC_SHARDED, COSINE], ids=["sync", "async-sharded-buffer", "sync-cosine-lr"])
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path, extra):
     straight = launch(overrides(tiny_assets, tmp_path / "straight", extra))
 
     out = tmp_path / "crashed"
     killed_after_checkpoint(overrides(tiny_assets, out, extra), out, round_=2)
     assert not list((out / "checkpoints").glob("*.tmp")) or (out / "checkpoints" / "round_000002").exists()
-    if extra:
+    if extra is ASYNC_SHARDED:
         saved = out / "checkpoints" / "round_000002"
         waiting = [spill.load(f) for f in sorted((saved / "buffer").glob("shard_*.safetensors"))]
         assert len(waiting) == 2 and sum(map(len, waiting)) > 0
@@ -99,6 +103,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path, e
         for r in straight["rounds"][1:]:  # each step trains on 32 samples, counted by the lag they were used at
             assert sum(v for k, v in r.items() if k.startswith("buffer/used_at_lag_")) == 32
             assert r["correction/rate"] > 0 and r["judge/scored_fraction"] == 1
+    if extra is COSINE:  # 4 rounds of 4 steps: warm-up, then decay; learner/lr is compared with the rest below
+        lrs = [r["learner/lr"] for r in straight["rounds"][1:]]
+        assert lrs[1] > lrs[2] > lrs[3] and lrs[0] < lrs[1]
     resumed = launch([*overrides(tiny_assets, out, extra), "resume=auto"])
     assert_resumed_like_straight(straight, resumed, out, kept=["round_000002", "round_000004"])
 
