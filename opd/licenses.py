@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit
 
 
 class LicenseWarning(UserWarning):
@@ -198,6 +199,16 @@ _TABLE = [
     License("unspecified", "Unspecified (not checked)", False, None, ""),
 ]
 
+CLOSED_ENDPOINTS: dict[str, str] = {
+    "api.openai.com": "OpenAI's terms forbid using output to develop models that compete with OpenAI",
+    "api.anthropic.com": "Anthropic's terms forbid using the services to build competing products, including "
+    "training competing AI models",
+    "generativelanguage.googleapis.com": "Google's Gemini API terms forbid using the services to develop models "
+    "that compete with them",
+}
+"""Hosts of closed providers' APIs (backend=openai teachers) and why their terms restrict distillation, whatever
+`license` an entry declares. A summary to route attention, not legal advice."""
+
 LICENSES: dict[str, License] = {lic.id: lic for lic in _TABLE}
 """Known licences by lowercase id (Hugging Face `license:` tags where one exists)."""
 
@@ -211,6 +222,11 @@ def lookup(license_id: str) -> License | None:
     return LICENSES.get(normalise_id(license_id))
 
 
+def endpoint_host(url: str) -> str:
+    """The lowercase host of a served teacher's URL ("" for none)."""
+    return (urlsplit(url).hostname or "").lower() if url else ""
+
+
 def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]:
     """(errors, warnings) of the licence gate; errors refuse the run, warnings let it go on.
 
@@ -220,6 +236,16 @@ def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]
     errors: list[str] = []
     warnings: list[str] = []
     for i, t in enumerate(teachers):
+        host = endpoint_host(getattr(t, "url", ""))
+        if getattr(t, "backend", "") == "openai" and host in CLOSED_ENDPOINTS:
+            why = f"teachers.{i}.url is {host}: {CLOSED_ENDPOINTS[host]}"
+            if not t.accept_terms.strip():
+                errors.append(
+                    f"{why}. If this use is allowed (a written agreement with the provider), set "
+                    f'teachers.{i}.accept_terms="<why you may>" to proceed; it is recorded in provenance.json'
+                )
+            else:
+                warnings.append(f"{why}; proceeding under teachers.{i}.accept_terms={t.accept_terms!r}")
         lic = lookup(t.license)
         key = f"teachers.{i}.license={t.license}"
         if lic is None:
@@ -250,4 +276,13 @@ def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]
     return errors, warnings
 
 
-__all__ = ["LICENSES", "License", "LicenseWarning", "license_problems", "lookup", "normalise_id"]
+__all__ = [
+    "CLOSED_ENDPOINTS",
+    "LICENSES",
+    "License",
+    "LicenseWarning",
+    "endpoint_host",
+    "license_problems",
+    "lookup",
+    "normalise_id",
+]

@@ -25,6 +25,18 @@ class Role:
     """The config keys that size this role (named in errors)."""
 
 
+SERVED_TEACHER_CPUS = 0.1
+"""What one replica of a served teacher (backend=openai) reserves: a thin actor that only waits on HTTP, so it
+takes a slice of a CPU whatever teachers.N.cpus_per_replica says, and no GPU (the server holds the model)."""
+
+
+def teacher_resources(t) -> tuple[float, float]:
+    """(CPUs, GPUs) one replica of teacher `t` (a TeacherConfig) reserves."""
+    if t.backend == "openai":
+        return SERVED_TEACHER_CPUS, 0.0
+    return t.cpus_per_replica, t.gpus_per_replica
+
+
 def roles(cfg) -> list[Role]:
     out = [
         Role(
@@ -41,8 +53,7 @@ def roles(cfg) -> list[Role]:
             f"teacher:{t.name}",
             f"teacher {t.name!r}",
             t.replicas,
-            t.cpus_per_replica,
-            t.gpus_per_replica,
+            *teacher_resources(t),
             f"teachers.{i}.replicas x teachers.{i}.{{cpus,gpus}}_per_replica",
         )
         for i, t in enumerate(cfg.teachers)

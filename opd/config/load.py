@@ -28,7 +28,10 @@ def check_paths(cfg: OPDConfig) -> None:
     from opd.data.files import source_problem  # here: loading a config needs no jinja2 (opd.data imports it)
 
     models = {"student.model": cfg.student.model}
-    models |= {f"teachers.{i}.model": t.model for i, t in enumerate(cfg.teachers)}
+    models |= {f"teachers.{i}.model": t.model for i, t in enumerate(cfg.teachers) if t.backend != "openai"}
+    for i, t in enumerate(cfg.teachers):
+        if t.backend == "openai":
+            check_served_tokenizer(i, t)
     for key, value in models.items():
         if value.startswith(BUILTIN):
             if _builtin_kind(value) != "model":
@@ -47,6 +50,25 @@ def check_paths(cfg: OPDConfig) -> None:
             raise ConfigError(f"{key}={value}: {problem}")
     if cfg.data.chat_template not in ("auto", "none") and not Path(cfg.data.chat_template).is_file():
         raise ConfigError(f"data.chat_template={cfg.data.chat_template}: no such file (auto, none or a Jinja file)")
+
+
+def check_served_tokenizer(i: int, t) -> None:
+    """A served teacher's `model` is the server's name for it; opd still tokenizes for it, from a local dir."""
+    if t.tokenizer is None:
+        if not Path(t.model).is_dir():
+            raise ConfigError(
+                f"teachers.{i}.tokenizer is required: teachers.{i}.model={t.model} is the name the server serves, "
+                "not a local dir, and opd sends prompts as token ids in the served model's tokenizer"
+            )
+    elif not Path(t.tokenizer).is_dir():
+        raise ConfigError(f"teachers.{i}.tokenizer={t.tokenizer}: no such directory (a local tokenizer or checkpoint)")
+    path = Path(t.tokenizer_path)
+    if not any((path / name).is_file() for name in ("config.json", "generation_config.json")):
+        key = "tokenizer" if t.tokenizer else "model"
+        raise ConfigError(
+            f"teachers.{i}.{key}={path}: needs the served checkpoint's config.json or generation_config.json beside "
+            "its tokenizer (they name the ids that end a turn); the weights are not needed"
+        )
 
 
 def resolve_config_file(name: str) -> Path:

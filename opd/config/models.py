@@ -58,8 +58,21 @@ class StudentConfig:
 class TeacherConfig:
     name: str = "teacher"
     model: str = f"{BUILTIN}addition-teacher"
-    backend: Literal["vllm", "transformers"] = "vllm"
-    """vllm: top-k log-probs via prompt_logprobs (temperature 1). transformers: full logits."""
+    """Hugging Face id or local checkpoint dir; with backend=openai, the name the server serves the model under."""
+    backend: Literal["vllm", "transformers", "openai"] = "vllm"
+    """vllm: top-k log-probs via prompt_logprobs (temperature 1). transformers: full logits. openai: a teacher
+    served elsewhere, reached at `url` (a vLLM OpenAI-compatible server; opd/teachers/served.py)."""
+    url: str = ""
+    """backend=openai: the server's `/v1` base, e.g. http://10.0.0.5:8000/v1."""
+    tokenizer: str | None = None
+    """backend=openai: a local dir with the served model's tokenizer and config.json or generation_config.json (no
+    weights needed); default `model` when that is a local dir. Prompts travel as token ids, so opd must tokenize
+    exactly as the server's model does."""
+    api_key_env: str = ""
+    """backend=openai: the NAME of the environment variable holding the server's API key (empty: none). The key
+    itself is read on the driver when the run starts and never written to config, logs or provenance."""
+    max_concurrency: int = 4
+    """backend=openai: requests each replica keeps in flight."""
     weight: float = 1.0
     replicas: int = 1
     gpus_per_replica: float = 0
@@ -85,6 +98,11 @@ class TeacherConfig:
         """Made by opd from random weights (the addition built-ins), so no third party's terms apply."""
         return from_scratch(self.model)
 
+    @property
+    def tokenizer_path(self) -> str:
+        """Where this teacher's tokenizer is read: `tokenizer` for a served teacher that names one, else `model`."""
+        return self.tokenizer or self.model
+
 
 def check_teachers(teachers: list[TeacherConfig]) -> None:
     """Each entry by its index, unique names, and the licence gate: its errors refuse the config, its warnings
@@ -99,11 +117,31 @@ def check_teachers(teachers: list[TeacherConfig]) -> None:
             raise ConfigError(f"teachers.{i}.weight={t.weight} must be >= 0")
         if t.replicas < 1:
             raise ConfigError(f"teachers.{i}.replicas must be >= 1")
+        if t.backend == "openai":
+            check_served(i, t)
     errors, notes = license_problems(teachers)
     if errors:
         raise ConfigError("; ".join(errors))
     for note in notes:
         warnings.warn(note, LicenseWarning, stacklevel=2)
+
+
+def check_served(i: int, t: TeacherConfig) -> None:
+    """A served teacher needs a URL the client can reach and reserves no GPU (the server holds the model)."""
+    if not re.match(r"^https?://[^/\s]+", t.url):
+        raise ConfigError(f"teachers.{i}.url={t.url!r}: backend=openai needs the server's base URL, http(s)://HOST/v1")
+    if t.gpus_per_replica:
+        raise ConfigError(
+            f"teachers.{i}.gpus_per_replica={t.gpus_per_replica}: a served teacher (backend=openai) "
+            "holds no model, so it reserves no GPU"
+        )
+    if t.max_concurrency < 1:
+        raise ConfigError(f"teachers.{i}.max_concurrency={t.max_concurrency} must be >= 1")
+    if t.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.api_key_env):
+        raise ConfigError(
+            f"teachers.{i}.api_key_env must be the NAME of an environment variable holding the key, not the key "
+            "itself (keys never go in a config)"
+        )
 
 
 @dataclass

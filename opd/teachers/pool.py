@@ -3,12 +3,16 @@
 Failures stay inside the pool: a dead replica is restarted by Ray and its in-flight calls re-run there
 (`faults.max_restarts`); a call that hangs past `faults.teacher_timeout_s` gets its replicas restarted and
 is re-issued, up to `faults.teacher_retries` times; a teacher that still fails stops the run or, with
-`faults.on_teacher_failure=drop`, leaves the pool with a loud warning while the others carry on.
+`faults.on_teacher_failure=drop`, leaves the pool with a loud warning while the others carry on. A served
+teacher (backend=openai) is a replica like any other: a dead server's calls fail and take the same path, each
+retry a little later than the last.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,12 +22,30 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from opd import plan
 from opd.buffer.sample import Sample
-from opd.config import DataConfig
+from opd.config import ConfigError, DataConfig
 from opd.data import Encoded, Prompt
 from opd.partition import chunks
+from opd.teachers.served import Endpoint
 from opd.teachers.worker import TeacherWorker
 
 T = TypeVar("T")
+
+
+RETRY_BACKOFF_S = 1.0
+"""Wait before a teacher call's first retry, doubled for each further one."""
+
+
+def served_endpoint(t, timeout_s: float) -> Endpoint:
+    """A served teacher's endpoint, its API key read here on the driver from the variable `api_key_env` names
+    (the key then travels only inside the endpoint, which never prints it)."""
+    key = None
+    if t.api_key_env:
+        key = os.environ.get(t.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"teacher {t.name!r}: api_key_env={t.api_key_env}, but ${t.api_key_env} is not set on the driver"
+            )
+    return Endpoint(t.url, t.model, key, t.max_concurrency, timeout_s)
 
 
 class TeacherFailed(RuntimeError):
@@ -64,15 +86,15 @@ class TeacherPool:
         self.lock = threading.RLock()
         self.replicas: dict[str, list] = {}
         for t in teachers:
+            cpus, gpus = plan.teacher_resources(t)
             actor = ray.remote(
-                num_cpus=t.cpus_per_replica,
-                num_gpus=t.gpus_per_replica,
-                max_restarts=faults.max_restarts,
-                max_task_retries=faults.max_restarts,
+                num_cpus=cpus, num_gpus=gpus, max_restarts=faults.max_restarts, max_task_retries=faults.max_restarts
             )(TeacherWorker)
+            endpoint = served_endpoint(t, faults.teacher_timeout_s) if t.backend == "openai" else None
+            path = t.tokenizer_path if endpoint else model_paths[t.name]
             self.replicas[t.name] = [
                 actor.options(**plan.slot(groups[t.name], i)).remote(
-                    model_paths[t.name], t.backend, engine_cfg, temperature, seed + i, student, top_k, data
+                    path, t.backend, engine_cfg, temperature, seed + i, student, top_k, data, endpoint
                 )
                 for i in range(t.replicas)
             ]
@@ -98,6 +120,7 @@ class TeacherPool:
         error: Exception | None = None
         for attempt in range(self.faults.teacher_retries + 1):
             if attempt:
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))  # a restarting server gets a moment before the retry
                 refs = resubmit()
             try:
                 return [x for part in ray.get(refs, timeout=self.faults.teacher_timeout_s) for x in part]

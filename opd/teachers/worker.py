@@ -1,9 +1,11 @@
 """Teacher worker: a Ray actor around one teacher model that scores and writes responses.
 
-Two backends give the same `Scored` signal. `vllm` reads prompt log-probs (fast, top-k,
+Three backends give the same `Scored` signal. `vllm` reads prompt log-probs (fast, top-k,
 temperature 1). `transformers` runs a plain forward pass, so it scores at any
 temperature and sees the full vocabulary; only the top-k leaves the actor either way,
-since full-vocabulary logits would dwarf everything else moving through Ray.
+since full-vocabulary logits would dwarf everything else moving through Ray. `openai` loads no model: it asks
+a server elsewhere for the same prompt log-probs and samples over HTTP (`opd.teachers.served`), so the pool's
+timeouts, retries and drops apply to a served teacher unchanged.
 
 Everything crossing the actor boundary is in the student's tokens: a teacher with another
 tokenizer renders each prompt's conversation with its own chat template (`TeacherPrompts`), re-tokenizes the
@@ -22,6 +24,7 @@ from opd.rollout import engine as vllm_engine
 from opd.teachers import hf
 from opd.teachers.align import TokenBridge
 from opd.teachers.prompts import TeacherPrompts
+from opd.teachers.served import Endpoint, ServedClient
 
 
 class TeacherWorker(Placed):
@@ -35,8 +38,10 @@ class TeacherWorker(Placed):
         student: str,
         top_k: int,
         data: DataConfig,
+        endpoint: Endpoint | None = None,
     ) -> None:
-        """`data`: the chat settings prompts are rendered with."""
+        """`data`: the chat settings prompts are rendered with. `model` is a local dir: the checkpoint, or for
+        backend=openai the served model's tokenizer, with `endpoint` saying where the model is served."""
         from transformers import AutoTokenizer
 
         self.backend, self.temperature = backend, temperature
@@ -44,7 +49,10 @@ class TeacherWorker(Placed):
         self.stop_ids = vllm_engine.stop_token_ids(model)
         self.bridge = TokenBridge(AutoTokenizer.from_pretrained(student), self.tokenizer)
         self.prompts = TeacherPrompts(self.bridge, data)
-        if backend == "vllm":
+        if backend == "openai":
+            self.client = ServedClient(endpoint)
+            self.max_len = self.client.max_model_len() or self.tokenizer.model_max_length
+        elif backend == "vllm":
             # vLLM refuses more prompt log-probs per token than max_logprobs (default 20).
             self.llm = vllm_engine.make_llm(model, engine_cfg, seed, max_logprobs=max(20, top_k))
             self.max_len = engine_cfg.max_model_len
@@ -75,6 +83,8 @@ class TeacherWorker(Placed):
         )
 
     def _score(self, prompt_ids: list, response_ids: list, top_k: int) -> list[vllm_engine.Scored]:
+        if self.backend == "openai":
+            return self.client.score(prompt_ids, response_ids, top_k)
         if self.backend == "vllm":
             return vllm_engine.score(self.llm, prompt_ids, response_ids, top_k)
         return hf.score(self.model, prompt_ids, response_ids, top_k, self.temperature)
@@ -96,6 +106,8 @@ class TeacherWorker(Placed):
 
     def _generate(self, prompt_ids: list, n: int, max_tokens: int, temperature: float, seed: int | None):
         """Responses in the teacher's own tokens."""
+        if self.backend == "openai":
+            return self.client.sample(prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
         if self.backend == "vllm":
             return vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
         return hf.sample(self.model, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids)
