@@ -93,7 +93,8 @@ def run(cfg) -> dict:
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     student = resolve(cfg.student.model, cfg.cache_dir)
-    teachers = {t.name: resolve(t.model, cfg.cache_dir) for t in cfg.teachers}
+    # A served teacher's model is the name its server serves; what runs here reads its local tokenizer.
+    teachers = {t.name: resolve(t.tokenizer_path, cfg.cache_dir) for t in cfg.teachers}
     eval_files = {name: resolve(path, cfg.cache_dir) for name, path in cfg.data.eval_sets().items()}
     data_files = {"train": resolve(cfg.data.train, cfg.cache_dir)}
     data_files |= {f"eval:{name}" if name else "eval": path for name, path in eval_files.items()}

@@ -24,8 +24,9 @@ _SECRET_VALUE = re.compile(
 _ENV_ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=")
 
 
-_COLUMN_NAMES = {"prompt_key", "answer_key"}
-"""Config keys that name a data column (`data.prompt_key`), not a credential."""
+_COLUMN_NAMES = {"prompt_key", "answer_key", "api_key_env"}
+"""Config keys that name something (a data column, the environment variable holding a served teacher's key), not
+a credential."""
 
 
 def _secret_name(name: str) -> bool:

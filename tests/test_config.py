@@ -205,3 +205,18 @@ def test_a_built_in_teacher_from_third_party_weights_carries_their_licence_and_s
     assert TeacherConfig(model="builtin:smollm2-135m-instruct", license="mit").license == "mit"  # the entry wins
     assert TeacherConfig(model="builtin:addition-teacher").from_scratch
     assert not TeacherConfig(model="org/model").from_scratch
+
+
+@pytest.mark.parametrize("backend", ["vllm", "openai"])
+def test_teachers_that_score_by_prompt_log_probs_need_temperature_one(tiny_assets, backend):
+    extra = ["teachers.0.url=http://127.0.0.1:8000/v1", f"teachers.0.tokenizer={tiny_assets['teacher']}"]
+    overrides = [
+        f"data.train={tiny_assets['train']}",
+        f"data.eval={tiny_assets['eval']}",
+        f"teachers.0.model={tiny_assets['teacher']}",
+        f"teachers.0.backend={backend}",
+        "rollout.temperature=0.7",
+        *(extra if backend == "openai" else []),
+    ]
+    with pytest.raises(ConfigError, match=rf"teachers\.0\.backend={backend} scores at temperature 1"):
+        load_config("default", overrides)

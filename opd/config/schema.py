@@ -96,9 +96,9 @@ def check_across(cfg: OPDConfig) -> None:
     if cfg.correction.enabled and cfg.mode != "on_policy":
         raise ConfigError("correction.enabled rewrites the student's own samples: it needs mode=on_policy")
     for i, t in enumerate(cfg.teachers):
-        if t.backend == "vllm" and cfg.rollout.temperature != 1.0 and cfg.mode == "on_policy":
+        if t.backend in ("vllm", "openai") and cfg.rollout.temperature != 1.0 and cfg.mode == "on_policy":
             raise ConfigError(
-                f"teachers.{i}.backend=vllm scores at temperature 1 (vLLM prompt log-probs skip temperature), "
+                f"teachers.{i}.backend={t.backend} scores at temperature 1 (vLLM prompt log-probs skip temperature), "
                 f"but rollout.temperature={cfg.rollout.temperature}; use backend=transformers or temperature 1"
             )
     check_batches(cfg.rollout, cfg.learner, cfg.buffer)
