@@ -46,6 +46,34 @@ class RolloutConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT LoRA) on the student; rank 0 trains every weight."""
+
+    rank: int = 0
+    """LoRA rank r; 0 is full fine-tuning. Only the adapters train; engines sample with the merged weights."""
+    alpha: float = 16.0
+    """LoRA scale numerator: each adapted weight is W + alpha / rank * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training (nonzero makes the learner's log-probs differ from the
+    sampler's)."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names (suffixes) that get adapters, as PEFT's `target_modules`; ["all-linear"] is every linear but
+    the LM head."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"learner.lora.rank={self.rank} must be >= 0 (0 is full fine-tuning)")
+        if self.alpha <= 0:
+            raise ConfigError(f"learner.lora.alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"learner.lora.dropout={self.dropout} must lie in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("learner.lora.target_modules must name at least one module")
+
+
+@dataclass
 class LearnerConfig:
     num_shards: int = 2
     zero_stage: int = 2
@@ -71,6 +99,7 @@ class LearnerConfig:
     gpus_per_shard: float = 0
     """GPUs each shard's actor reserves; 1 on a GPU cluster."""
     cpus_per_shard: float = 1
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         at_least_one("learner", self, "num_shards", "micro_batch_size", "mini_batches")

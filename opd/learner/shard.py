@@ -13,7 +13,7 @@ import torch
 from vllm.distributed.weight_transfer import ParamMeta, WeightSource
 
 from opd.buffer.sample import Sample
-from opd.learner import guard, objective
+from opd.learner import guard, lora, objective
 from opd.learner.batch import collate
 from opd.learner.lr_schedule import lr_factor
 from opd.plan import Placed
@@ -80,6 +80,8 @@ class LearnerShard(Placed):
         """Shares its GPU with a rollout engine that wakes after the step: the allocator's cache is handed back."""
         self.nonfinite = guard.SkipCounter(max_nonfinite_steps)
         self.step = 0
+        self.lora = False
+        """The student carries LoRA adapters (`learner.lora.rank` > 0; set in `setup`, where they are added)."""
         self.transfer = None
         self.backend = ""
         self.client = None
@@ -118,7 +120,11 @@ class LearnerShard(Placed):
             self._hf_ds = HfDeepSpeedConfig(ds_config)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        optim = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.lora = self.cfg.lora.rank > 0
+        if self.lora:
+            model = lora.wrap(model, self.cfg.lora)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
+        optim = torch.optim.AdamW(trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         # Given to DeepSpeed, the scheduler is stepped after each optimizer step and saved in save_state.
         factor = partial(
             lr_factor,
@@ -187,11 +193,17 @@ class LearnerShard(Placed):
             self.transfer = None
         ranks_per_engine = (world_size - 1) // max(len(rollout_handles), 1)
         client = weight_sync.RolloutGroupClient(rollout_handles, ranks_per_engine)
-        source = ZeroWeightSource(self.engine.module)
+        source = self.weight_source()
         largest = max(math.prod(m.shape) * m.dtype.itemsize for m in source.metadata())
         info = weight_sync.trainer_init_info(backend, self.rank, address, port, world_size, largest)
         self.client, self.backend = client, backend
         self.transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+
+    def weight_source(self) -> WeightSource:
+        """The student's weights under the base model's names: with LoRA, merged (every weight is sent, the
+        adapted ones as W + scale * B @ A)."""
+        module = self.engine.module
+        return lora.MergedSource(module) if self.lora else ZeroWeightSource(module)
 
     def send_weights(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -225,19 +237,23 @@ class LearnerShard(Placed):
 
     def save(self, path: str) -> None:
         """Write a Hugging Face checkpoint of the full student; rank 0 writes. Every rank gathers one layer at a
-        time (a collective), so no device ever holds the whole model; rank 0 keeps each layer's CPU copy."""
+        time (a collective), so no device ever holds the whole model; rank 0 keeps each layer's CPU copy. With
+        LoRA the checkpoint holds the merged weights (the base architecture, no PEFT wrapper) and `adapter/`
+        the adapter alone."""
         module = self.engine.module
-        source = ZeroWeightSource(module)
+        source = self.weight_source()
         gathered: dict[int, torch.Tensor] = {}  # id(parameter) -> its full CPU copy (tied weights share one)
         for names, tensors in source.iter_groups():
             if self.rank == 0:
                 gathered |= {
                     id(source.params[n]): t.detach().cpu().clone() for n, t in zip(names, tensors, strict=True)
                 }
+        if self.lora:
+            lora.save_adapter(module, os.path.join(path, "adapter"), write=self.rank == 0)
+            module, state = lora.base_state(module)
+        else:
+            state = module.state_dict(keep_vars=True)
         if self.rank == 0:
-            state = {
-                k: gathered[id(v)] if id(v) in gathered else v.detach().cpu().clone()
-                for k, v in module.state_dict(keep_vars=True).items()
-            }
+            state = {k: gathered[id(v)] if id(v) in gathered else v.detach().cpu().clone() for k, v in state.items()}
             module.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)

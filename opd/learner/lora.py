@@ -1,0 +1,100 @@
+"""LoRA on the student (PEFT): only the adapters train, while the rollout engines and the saved student get the
+merged weights W + scale * B @ A under the base model's parameter names (what vLLM's `load_weights` and
+transformers expect). The merge is computed per layer as it is sent; the trained model is never merged in place,
+which would fold the adapters into the frozen base and change what trains."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from vllm.distributed.weight_transfer import ParamMeta, WeightSource
+
+ADAPTER = "default"
+"""PEFT's name for the one adapter the learner trains."""
+PEFT_PREFIX = "base_model.model."
+
+
+def wrap(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """`model` with LoRA adapters (`learner.lora`) on `cfg.target_modules`; only the adapters require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
+    peft_cfg = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_adapter(name: str) -> bool:
+    """PEFT's own test for a LoRA parameter (lora_A, lora_B, embeddings' and DoRA's)."""
+    return "lora_" in name
+
+
+def base_name(name: str) -> str:
+    """The base model's name for a parameter of the PEFT-wrapped model (`base_layer` is the adapted original)."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+class MergedSource(WeightSource):
+    """The merged student as vLLM's transfer engines want it, one decoder layer at a time.
+
+    Under ZeRO-3 every rank gathers a layer's base weights and adapters together (a collective) and computes
+    that layer's merged weights; memory stays bounded by a layer. Unadapted weights pass through as they are.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.params = {base_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}
+        """Base name -> the base parameter (for an adapted layer, its frozen original)."""
+        self.layers = {
+            base_name(f"{n}.base_layer.weight"): m for n, m in model.named_modules() if isinstance(m, LoraLayer)
+        }
+        """Base name of each adapted weight -> its LoRA layer."""
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.params.items()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for names, tensors in self.iter_groups():
+            yield from zip(names, tensors, strict=True)
+
+    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        import deepspeed
+
+        for names in self.groups():
+            params = [self.params[n] for n in names]
+            adapted = [self.layers[n] for n in names if n in self.layers]
+            adapters = [w for layer in adapted for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+            with deepspeed.zero.GatheredParameters(params + adapters, modifier_rank=None):
+                yield names, [self.merged(n, p) for n, p in zip(names, params, strict=True)]
+
+    def merged(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """W + scale * B @ A for an adapted weight (PEFT's own delta: fan-in/fan-out aware), else W itself."""
+        layer = self.layers.get(name)
+        with torch.no_grad():
+            if layer is None:
+                return param.data
+            return param.data + layer.get_delta_weight(ADAPTER).to(param.dtype)
+
+
+def base_state(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The transformers model inside the PEFT wrapper, and its state dict (parameters kept as such, so callers can
+    match them by identity) under the base names, adapters left out: what a merged checkpoint holds."""
+    base = model.get_base_model()
+    state = {base_name(k): v for k, v in base.state_dict(keep_vars=True).items() if not is_adapter(k)}
+    return base, state
+
+
+def save_adapter(model: torch.nn.Module, path: str | Path, write: bool) -> None:
+    """Write the adapter alone (PEFT's `save_pretrained`: adapter_config.json + weights) to `path` if `write`.
+    Every rank must call it: under ZeRO-3 the adapters are gathered (a collective) first."""
+    import deepspeed
+
+    adapters = {n: p for n, p in model.named_parameters() if is_adapter(n)}
+    with deepspeed.zero.GatheredParameters(list(adapters.values()), modifier_rank=None):
+        state = {n: p.data.detach().cpu().clone() for n, p in adapters.items()} if write else {}
+    if write:
+        model.save_pretrained(str(path), state_dict=state)
