@@ -101,7 +101,7 @@ class Feedback:
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         return [
             {
-                "prompt": decode(s.prompt_ids),
+                "prompt": self.tokenizer.decode(s.prompt_ids),  # with its chat markup: what the student read
                 "student_response": decode(ids),
                 "teacher_correction": None
                 if s.correction_start is None
