@@ -19,13 +19,18 @@ from torch import Tensor
 
 __all__ = [
     "generalized_jsd",
+    "generalized_jsd_per_token",
     "masked_mean",
+    "masked_sums",
     "policy_gradient_loss",
+    "policy_gradient_per_token",
     "reverse_kl_advantage",
     "sft_on_teacher",
+    "sft_per_token",
     "tempered",
     "token_logprobs",
     "topk_kl",
+    "topk_kl_per_token",
     "topk_student_logprobs",
     "with_rest",
 ]
@@ -41,9 +46,18 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     """
     if mask is None:
         return x.mean()
+    total, weight = masked_sums(x, mask)
+    return total / weight.clamp(min=1.0)
+
+
+def masked_sums(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(x * mask), sum(mask))`` with ``x`` zeroed where ``mask`` is not positive: the two halves of a token mean.
+
+    Sums add up over chunks of positions, so a token mean over a whole micro-batch can be built chunk by chunk.
+    """
     m = mask.to(x.dtype)
     x = torch.where(m > 0, x, torch.zeros_like(x))
-    return (x * m).sum() / m.sum().clamp(min=1.0)
+    return (x * m).sum(), m.sum()
 
 
 def _kl_from_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -102,15 +116,20 @@ def policy_gradient_loss(
     Metrics (python floats, over masked tokens): ``is_weight_mean`` is the mean of the applied (truncated) weight,
     ``is_clipped_frac`` the fraction of tokens whose raw ratio exceeded ``is_cap``.
     """
+    per_token, w, clipped = policy_gradient_per_token(logprobs, old_logprobs, advantages, is_cap)
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        metrics = {"is_weight_mean": masked_mean(w, mask).item(), "is_clipped_frac": masked_mean(clipped, mask).item()}
+    return loss, metrics
+
+
+def policy_gradient_per_token(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, is_cap: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``policy_gradient_loss`` before the token mean: ``(-(w * A * logprobs), w, 1.0 where the ratio was capped)``."""
     ratio = torch.exp(logprobs.detach().float() - old_logprobs.detach().float())
     w = ratio.clamp(max=is_cap)
-    loss = masked_mean(-(w * advantages.detach().float() * logprobs.float()), mask)
-    with torch.no_grad():
-        metrics = {
-            "is_weight_mean": masked_mean(w, mask).item(),
-            "is_clipped_frac": masked_mean((ratio > is_cap).float(), mask).item(),
-        }
-    return loss, metrics
+    return -(w * advantages.detach().float() * logprobs.float()), w, (ratio > is_cap).float()
 
 
 def generalized_jsd(
@@ -133,6 +152,13 @@ def generalized_jsd(
     the mass first (``with_rest``), which the learner's ``jsd`` objective does.
     ``-inf`` logits (zero probability) are allowed and contribute 0 where they are in the first argument of a KL.
     """
+    return masked_mean(generalized_jsd_per_token(student_logits, teacher_logits, beta, temperature), mask)
+
+
+def generalized_jsd_per_token(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0
+) -> Tensor:
+    """``generalized_jsd`` per position ``[B, T]``, before the token mean."""
     s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if beta == 0:
@@ -144,7 +170,7 @@ def generalized_jsd(
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
         jsd = beta * _kl_from_logprobs(t, log_m) + (1.0 - beta) * _kl_from_logprobs(s, log_m)
-    return masked_mean(jsd, mask)
+    return jsd
 
 
 def with_rest(logprobs: Tensor) -> Tensor:
@@ -172,8 +198,13 @@ def topk_kl(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Ten
     forward KL when K == V, and still pushes the student's mass off tokens the teacher puts outside its top-k.
     Token mean over ``mask``.
     """
+    return masked_mean(topk_kl_per_token(student_logits, topk_ids, teacher_topk_logprobs), mask)
+
+
+def topk_kl_per_token(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor) -> Tensor:
+    """``topk_kl`` per position ``[B, T]``, before the token mean."""
     student = topk_student_logprobs(student_logits, topk_ids, teacher_topk_logprobs)
-    return masked_mean(_kl_from_logprobs(with_rest(teacher_topk_logprobs), with_rest(student)), mask)
+    return _kl_from_logprobs(with_rest(teacher_topk_logprobs), with_rest(student))
 
 
 def topk_student_logprobs(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor) -> Tensor:
@@ -192,5 +223,10 @@ def sft_on_teacher(logits: Tensor, target_ids: Tensor, mask: Tensor) -> Tensor:
     The offline-KD / correction SFT loss on teacher-written tokens. Masked-out positions may hold any id (e.g. -100
     padding); they are replaced by 0 before the gather and excluded from the mean.
     """
+    return masked_mean(sft_per_token(logits, target_ids, mask), mask)
+
+
+def sft_per_token(logits: Tensor, target_ids: Tensor, mask: Tensor) -> Tensor:
+    """``sft_on_teacher`` per position ``[B, T]`` (the negative log-likelihood), before the token mean."""
     ids = torch.where(mask.bool(), target_ids.long(), torch.zeros_like(target_ids, dtype=torch.long))
-    return masked_mean(-token_logprobs(logits, ids), mask)
+    return -token_logprobs(logits, ids)

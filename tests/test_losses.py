@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from opd.losses import (
     generalized_jsd,
     masked_mean,
+    masked_sums,
     policy_gradient_loss,
     reverse_kl_advantage,
     sft_on_teacher,
@@ -80,6 +81,15 @@ def test_masked_mean_ignores_nan_and_empty_mask() -> None:
     assert_close(masked_mean(x, mask), scalar(3.0))  # (1 + 3 + 5) / 3
     assert_close(masked_mean(x, torch.zeros(2, 3)), scalar(0.0))
     assert_close(masked_mean(torch.tensor([[1.0, 2.0, 6.0]]), None), scalar(3.0))
+
+
+def test_masked_sums_over_chunks_of_positions_add_up_to_the_token_mean() -> None:
+    x = torch.tensor([[1.0, 3.0, float("nan"), 2.0], [float("-inf"), 5.0, 7.0, 4.0]])
+    mask = torch.tensor([[1.0, 0.5, 0.0, 2.0], [0.0, 1.0, 0.0, 1.0]])
+    parts = [masked_sums(x[:, i : i + 1], mask[:, i : i + 1]) for i in range(4)]
+    total, weight = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    assert_close(weight, scalar(5.5))
+    assert_close(total / weight, masked_mean(x, mask))  # (1 + 1.5 + 4 + 5 + 4) / 5.5
 
 
 # ---------------------------------------------------------------- reverse_kl_advantage

@@ -88,7 +88,18 @@ class LearnerConfig:
     """Where linear / cosine decay ends, as a fraction of lr."""
     weight_decay: float = 0.0
     micro_batch_size: int = 32
-    """Sequences per forward/backward on one shard."""
+    """Sequences per forward/backward on one shard (unless max_tokens_per_micro_batch packs by tokens)."""
+    max_tokens_per_micro_batch: int = 0
+    """Pack each shard's samples, longest first, into micro-batches of at most this many padded tokens (rows x
+    longest sequence; a longer one trains alone) instead of micro_batch_size sequences; 0 is off. The step is
+    still one token mean; shards agree on the number of micro-batches (a collective)."""
+    loss_chunk_tokens: int = 0
+    """Score the loss over chunks of about this many tokens (LM head, float32 log-softmax and divergence per
+    chunk, recomputed in the backward), so no float32 [batch, positions, vocabulary] logits exist for the whole
+    micro-batch: for long responses and large vocabularies. 0 is off (full logits at once)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward (Hugging Face gradient checkpointing,
+    non-reentrant) instead of keeping them: less memory for about a third more compute."""
     mini_batches: int = 1
     """Optimizer steps per round: the round's samples are split into this many batches."""
     grad_clip: float = 1.0
@@ -103,6 +114,9 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         at_least_one("learner", self, "num_shards", "micro_batch_size", "mini_batches")
+        for key in ("max_tokens_per_micro_batch", "loss_chunk_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"learner.{key}={getattr(self, key)} must be >= 0 (0 is off)")
         if self.lr <= 0:
             raise ConfigError(f"learner.lr={self.lr} must be > 0")
         if self.zero_stage not in (0, 1, 2, 3):

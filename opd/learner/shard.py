@@ -13,7 +13,7 @@ import torch
 from vllm.distributed.weight_transfer import ParamMeta, WeightSource
 
 from opd.buffer.sample import Sample
-from opd.learner import guard, lora, objective
+from opd.learner import chunked, guard, lora, micro_batches, objective
 from opd.learner.batch import collate
 from opd.learner.lr_schedule import lr_factor
 from opd.plan import Placed
@@ -120,6 +120,9 @@ class LearnerShard(Placed):
             self._hf_ds = HfDeepSpeedConfig(ds_config)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if self.cfg.gradient_checkpointing:  # acts in train mode only, and from_pretrained leaves eval mode
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
         self.lora = self.cfg.lora.rank > 0
         if self.lora:
             model = lora.wrap(model, self.cfg.lora)
@@ -138,28 +141,29 @@ class LearnerShard(Placed):
         return self.rank
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        """One optimizer step on this shard's slice: `accum` micro-batches, then DeepSpeed's all-reduce/step."""
+        """One optimizer step on this shard's slice: its micro-batches (`micro_batches.split`), then DeepSpeed's
+        all-reduce/step."""
         t0 = time.perf_counter()
         lr = float(self.engine.get_lr()[0])  # this step's: the scheduler moves it only after the step
         loss_fn = objective.OBJECTIVES.get(self.loss_cfg.type)
-        mbs = self.cfg.micro_batch_size
-        chunks = [samples[i : i + mbs] for i in range(0, len(samples), mbs)]
-        if len(chunks) != self.accum:
+        chunks = micro_batches.split(samples, self.cfg)
+        packed = bool(self.cfg.max_tokens_per_micro_batch)
+        if packed:  # empty micro-batches keep every rank's collectives in step
+            chunks += [[]] * (micro_batches.agreed_count(len(chunks), self.engine.device) - len(chunks))
+        elif len(chunks) != self.accum:
             raise ValueError(f"shard {self.rank} got {len(samples)} samples, set up for {self.accum} micro-batches")
         total_tokens = sum(s.num_tokens for s in samples)
         sums: dict[str, float] = {}
         skipped = False
         for i, chunk in enumerate(chunks):
+            if packed:  # their number varies by step: DeepSpeed is told which one ends it
+                self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+            # An empty micro-batch runs the first sample at weight 0.
             batch = {
                 k: v.to(self.engine.device)
-                for k, v in collate(chunk, self.tokenizer.pad_token_id, self.loss_cfg.top_k).items()
+                for k, v in collate(chunk or samples[:1], self.tokenizer.pad_token_id, self.loss_cfg.top_k).items()
             }
-            # One float32 copy of the logits for the objective and the corrections: under bf16 each `.float()` would be
-            # another [batch, positions, vocab] tensor held until the backward pass.
-            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1].float()
-            loss, metrics = loss_fn(logits, batch, self.loss_cfg, self.temperature)
-            loss, metrics = objective.with_corrections(loss, metrics, logits, batch, self.sft_weight)
+            loss, metrics, logits = self.micro_batch_loss(batch, loss_fn)
             if not guard.finite_everywhere(loss.detach()):  # every rank gets the same verdict
                 loss, skipped = guard.safe_loss(loss, logits, finite=False), True
             # Objectives average over their micro-batch's tokens; reweight so the step is a
@@ -180,6 +184,22 @@ class LearnerShard(Placed):
         if self.colocate and torch.cuda.is_available():
             torch.cuda.empty_cache()  # else the step's peak stays reserved and the waking engine finds no room
         return sums
+
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor], loss_fn) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(loss, metrics, logits for the guard's check) of one micro-batch, from full logits or chunk by chunk."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if not self.cfg.loss_chunk_tokens:
+            # One float32 copy of the logits for the objective and the corrections: under bf16 each `.float()` would
+            # be another [batch, positions, vocab] tensor held until the backward pass.
+            logits = self.engine(**inputs).logits[:, :-1].float()
+            loss, metrics = loss_fn(logits, batch, self.loss_cfg, self.temperature)
+            return *objective.with_corrections(loss, metrics, logits, batch, self.sft_weight), logits
+        # The LM head runs per chunk of positions (opd/learner/chunked.py); the last position's logits, which every
+        # weight produced, are all the guard checks.
+        out = self.engine(**inputs, logits_to_keep=1, output_hidden_states=True)
+        hidden, head = out.hidden_states[-1][:, :-1], self.engine.module.get_output_embeddings()
+        args = (self.loss_cfg, self.temperature, self.sft_weight, self.cfg.loss_chunk_tokens)
+        return *chunked.loss(hidden, head, batch, *args), out.logits
 
     def init_weight_transfer(self, address: str, port: int, world_size: int, rollout_handles: list, backend: str):
         """Join the learner->rollout transfer group (rank 0 sends; other ranks only help gather), leaving the
