@@ -3,6 +3,8 @@
     python bench/sync_vs_async.py                  # the built-in addition demo, 12 rounds each
     python bench/sync_vs_async.py rounds=20 rollout.num_workers=1
     python bench/sync_vs_async.py teachers.0.backend=vllm     # the demo's own teacher backend
+    python bench/sync_vs_async.py preset=smollm2   # SmolLM2-135M-Instruct -> its pruned copy, 4 rounds of 4 x 4
+                                                   # chat samples of <= 256 tokens (bench/presets.py)
 
 The teacher scores with the transformers backend unless overridden. Prints one line per run: samples/s and its
 ratio to sync (target: async >= 1.5x), the learner's idle fraction (target: async < 10%), how busy the
@@ -18,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.presets import SYNC_VS_ASYNC, split  # noqa: E402
 
 BACKEND = "teachers.0.backend=transformers"
 """At this model size a plain forward pass scores faster than vLLM's prompt log-probs (bench/README.md)."""
@@ -74,14 +78,15 @@ def measure(summary: dict) -> dict[str, float]:
     }
 
 
-def main(overrides: list[str]) -> None:
+def main(argv: list[str]) -> None:
     import psutil
 
     from launch import run
     from opd.config import load_config
 
-    base = ["rounds=12", "eval.every=1000", "wandb.mode=disabled", BACKEND]
-    steps = load_config("default", [*base, *overrides]).learner.mini_batches
+    preset, overrides = split(argv, SYNC_VS_ASYNC)
+    base = [*preset.overrides, "wandb.mode=disabled", BACKEND]
+    steps = load_config(preset.config, [*base, *overrides]).learner.mini_batches
     variants = {  # depth 2 trains on samples two rounds (2 x mini_batches versions) old: staleness must allow it
         "sync": ["pipeline.mode=sync"],
         "async": ["pipeline.mode=async"],
@@ -90,7 +95,7 @@ def main(overrides: list[str]) -> None:
     results = {}
     for name, variant in variants.items():
         out = f"output_dir=outputs/bench/sync_vs_async/{name.replace(', ', '_').replace(' ', '')}"
-        cfg = load_config("default", [*base, out, *overrides, *variant])
+        cfg = load_config(preset.config, [*base, out, *overrides, *variant])
         with CpuClock() as clock:
             results[name] = measure(run(cfg))
         results[name]["cpu_busy"] = clock.busy_fraction(1, cfg.rounds - 1)
