@@ -5,11 +5,11 @@ which would fold the adapters into the frozen base and change what trains."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from vllm.distributed.weight_transfer import ParamMeta, WeightSource
+
+from opd.learner.weights import ZeroWeightSource
 
 ADAPTER = "default"
 """PEFT's name for the one adapter the learner trains."""
@@ -37,7 +37,7 @@ def base_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
 
 
-class MergedSource(WeightSource):
+class MergedSource(ZeroWeightSource):
     """The merged student as vLLM's transfer engines want it, one decoder layer at a time.
 
     Under ZeRO-3 every rank gathers a layer's base weights and adapters together (a collective) and computes
@@ -54,24 +54,12 @@ class MergedSource(WeightSource):
         }
         """Base name of each adapted weight -> its LoRA layer."""
 
-    def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.params.items()]
+    def also_gathered(self, names: list[str]) -> list[torch.Tensor]:
+        """The adapters of the adapted layers among `names`, gathered with their base weights."""
+        adapted = [self.layers[n] for n in names if n in self.layers]
+        return [w for layer in adapted for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for names, tensors in self.iter_groups():
-            yield from zip(names, tensors, strict=True)
-
-    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-        import deepspeed
-
-        for names in self.groups():
-            params = [self.params[n] for n in names]
-            adapted = [self.layers[n] for n in names if n in self.layers]
-            adapters = [w for layer in adapted for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
-            with deepspeed.zero.GatheredParameters(params + adapters, modifier_rank=None):
-                yield names, [self.merged(n, p) for n, p in zip(names, params, strict=True)]
-
-    def merged(self, name: str, param: torch.Tensor) -> torch.Tensor:
+    def tensor(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """W + scale * B @ A for an adapted weight (PEFT's own delta: fan-in/fan-out aware), else W itself."""
         layer = self.layers.get(name)
         with torch.no_grad():

@@ -6,16 +6,16 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator
 from functools import partial
 
 import torch
-from vllm.distributed.weight_transfer import ParamMeta, WeightSource
+from vllm.distributed.weight_transfer import WeightSource
 
 from opd.buffer.sample import Sample
 from opd.learner import chunked, guard, lora, micro_batches, objective
 from opd.learner.batch import collate
 from opd.learner.lr_schedule import lr_factor
+from opd.learner.weights import ZeroWeightSource
 from opd.plan import Placed
 
 
@@ -29,33 +29,6 @@ def node_address() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
-
-
-class ZeroWeightSource(WeightSource):
-    """The student's weights as vLLM's transfer engines want them, one decoder layer at a time.
-
-    Under ZeRO-3 each parameter is partitioned across ranks; gathering a whole layer per
-    step is a collective every rank joins, so memory stays bounded by one layer and the
-    wire sees layer-sized messages.
-    """
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.params = dict(module.named_parameters())
-
-    def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.params.items()]
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for names, tensors in self.iter_groups():
-            yield from zip(names, tensors, strict=True)
-
-    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-        import deepspeed
-
-        for names in self.groups():
-            params = [self.params[n] for n in names]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield names, [p.data for p in params]
 
 
 class LearnerShard(Placed):
