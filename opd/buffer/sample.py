@@ -35,6 +35,9 @@ class Sample:
     """Scales this sample's loss (judge.use=weight)."""
     advantage_bonus: float = 0.0
     """Added to every token's policy-gradient advantage (judge.advantage_coef x group-centred score)."""
+    advantages: np.ndarray | None = None
+    """Per-token advantages over the tokens the student wrote (loss.discount / baseline / normalize_advantages,
+    opd/advantages.py); None: the learner takes each token's own reward."""
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +55,15 @@ class Sample:
         return self.num_tokens if self.correction_start is None else self.correction_start
 
 
-RAGGED = ("prompt_ids", "response_ids", "logprobs", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+RAGGED = (
+    "prompt_ids",
+    "response_ids",
+    "logprobs",
+    "teacher_logprobs",
+    "teacher_topk_ids",
+    "teacher_topk_logprobs",
+    "advantages",
+)
 """Per-sample arrays, concatenated along their first axis; a sample without one has length 0 there."""
 SCALARS = {"version": np.int64, "prompt_index": np.int64, "weight": np.float64, "advantage_bonus": np.float64}
 OPTIONAL = {"correction_start": np.int64, "judge_score": np.float64}
@@ -88,6 +99,9 @@ def from_columns(arrays: dict[str, np.ndarray], text: dict[str, list]) -> Sample
     n = len(arrays["version"])
     columns: dict[str, list] = {}
     for name in RAGGED:
+        if f"{name}.lengths" not in arrays:  # written before the field existed (a buffer spilled by an older opd)
+            columns[name] = [None] * n
+            continue
         lengths, present = arrays[f"{name}.lengths"], arrays[f"{name}.present"]
         flat = arrays.get(name)
         starts = np.concatenate([[0], np.cumsum(lengths)])

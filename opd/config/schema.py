@@ -57,6 +57,9 @@ class OPDConfig:
     mode: Literal["on_policy", "offline"] = "on_policy"
     """on_policy: the student samples, the teacher scores. offline: the teacher samples, the student imitates."""
     rounds: int = 30
+    max_teacher_tokens: int = 0
+    """Stop after the round in which the teacher tokens spent (response tokens it scored, plus those it wrote as
+    corrections or offline samples) reach this; 0: no limit. A cost cap for a served teacher."""
     output_dir: str = "outputs/default"
     cache_dir: str = "outputs/cache"
     """Where built-in models and data are built once and reused."""
@@ -69,6 +72,8 @@ class OPDConfig:
         """Each section checked itself as it was built (sections are built before the whole); here, the whole."""
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
+        if self.max_teacher_tokens < 0:
+            raise ConfigError(f"max_teacher_tokens={self.max_teacher_tokens} must be >= 0 (0: no limit)")
         check_teachers(self.teachers)
         check_across(self)
 
@@ -93,6 +98,11 @@ def check_across(cfg: OPDConfig) -> None:
         raise ConfigError("combine.rule=best_of ranks the teachers' own answers by judge score: set judge.kind")
     if cfg.judge.advantage_coef and cfg.loss.type != "reverse_kl":
         raise ConfigError("judge.advantage_coef mixes scores into the policy-gradient advantage: loss.type=reverse_kl")
+    if cfg.loss.baseline == "group" and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(
+            "loss.baseline=group compares each sample with the prompt's other samples: "
+            f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt} must be >= 2"
+        )
     if cfg.correction.enabled and cfg.mode != "on_policy":
         raise ConfigError("correction.enabled rewrites the student's own samples: it needs mode=on_policy")
     for i, t in enumerate(cfg.teachers):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from opd.advantages import BASELINES
 from opd.buffer.replay import ORDERS as BUFFER_ORDERS
 from opd.config.base import ConfigError, at_least_one, one_of
 from opd.config.models import EngineConfig
@@ -137,11 +138,25 @@ class LossConfig:
     """Teacher alternatives kept per token (top-k KL / JSD on top-k logits)."""
     is_cap: float = 2.0
     """Cap on the importance weight between the learner and the sampling policy."""
+    discount: float = 0.0
+    """reverse_kl: each token's advantage is its reward plus the later ones' discounted by this (0: its own reward
+    only; 1: the whole rest of the response, the exact sequence-level gradient). See opd/advantages.py."""
+    baseline: str = "none"
+    """reverse_kl: none, or group (subtract, per position, the mean return of the prompt's other samples)."""
+    normalize_advantages: bool = False
+    """reverse_kl: divide each round's advantages by their standard deviation."""
 
     def __post_init__(self) -> None:
         one_of("loss.type", self.type, LOSS_TYPES.names())
+        one_of("loss.baseline", self.baseline, BASELINES)
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"loss.beta={self.beta} must lie in [0, 1]")
+        if not 0.0 <= self.discount <= 1.0:
+            raise ConfigError(f"loss.discount={self.discount} must lie in [0, 1]")
+        if self.type != "reverse_kl":
+            for key, default in (("discount", 0.0), ("baseline", "none"), ("normalize_advantages", False)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"loss.{key} shapes reverse_kl's advantages; loss.type={self.type} has none")
         at_least_one("loss", self, "top_k")
 
 

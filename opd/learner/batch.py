@@ -16,7 +16,8 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
     `mask` is the sample's weight on the response tokens the student wrote (the distillation loss reads it),
     `sft_mask` is 1 on tokens a teacher correction wrote (cross-entropy): the judge's weight scored the
     student's own response, and a response judged bad is exactly the one whose correction should be learnt.
-    `advantage_bonus` is each sample's judge bonus, spread over its `mask`.
+    `advantage_bonus` is each sample's judge bonus, spread over its `mask`; `advantages` (when every sample has
+    them) the per-token advantages opd/advantages.py shaped.
     """
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     width = max(lengths)
@@ -27,6 +28,8 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
     mask = torch.zeros(shape)
     sft_mask = torch.zeros(shape)
     bonus = torch.zeros(shape)
+    shaped = torch.zeros(shape)
+    has_advantages = all(s.advantages is not None for s in samples)
     old_lp = torch.zeros(shape)
     teacher_lp = torch.zeros(shape)
     topk_ids = torch.zeros((*shape, top_k), dtype=torch.long)
@@ -41,6 +44,8 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
         mask[i, p - 1 : own] = s.weight
         sft_mask[i, own : p - 1 + r] = 1.0
         bonus[i, p - 1 : own] = s.advantage_bonus
+        if has_advantages:
+            shaped[i, p - 1 : own] = torch.from_numpy(np.asarray(s.advantages, dtype=np.float32))
         old_lp[i, span] = torch.tensor(np.asarray(s.logprobs, dtype=np.float32))
         if has_teacher:
             teacher_lp[i, span] = torch.tensor(s.teacher_logprobs)
@@ -52,6 +57,8 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
         batch["sft_mask"] = sft_mask
     if any(s.advantage_bonus for s in samples):
         batch["advantage_bonus"] = bonus
+    if has_advantages:
+        batch["advantages"] = shaped
     if has_teacher:
         batch |= {"teacher_logprobs": teacher_lp, "topk_ids": topk_ids, "topk_logprobs": topk_lp}
     return batch

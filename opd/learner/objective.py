@@ -82,8 +82,12 @@ def reverse_kl(logits, batch, cfg, temperature):
     """On-policy distillation: per-token reverse KL to the teacher as the advantage of an IS policy gradient."""
     mask = batch["mask"]
     logprobs = losses.token_logprobs(logits, _targets(batch), temperature)
-    adv = losses.reverse_kl_advantage(batch["teacher_logprobs"], batch["old_logprobs"], mask)
+    # The per-token reward, on the student's own tokens; the sample's weight scales its loss once, below.
+    own = (mask > 0).float()
+    adv = losses.reverse_kl_advantage(batch["teacher_logprobs"], batch["old_logprobs"], own)
     sums = {"reverse_kl": _sums(-adv, mask)}
+    if "advantages" in batch:  # discounted, baselined or normalised on the driver (opd/advantages.py)
+        adv = batch["advantages"] * own
     if "advantage_bonus" in batch:  # judge scores mixed into the advantage
         adv = adv + batch["advantage_bonus"]
     per_token, w, clipped = losses.policy_gradient_per_token(logprobs, batch["old_logprobs"], adv, cfg.is_cap)

@@ -14,6 +14,7 @@ from functools import partial
 
 import numpy as np
 
+from opd import advantages
 from opd.buffer.sample import Sample
 from opd.config import OPDConfig
 from opd.data import Encoded, Prompt
@@ -38,6 +39,11 @@ class ScoredRound:
     tokens: int
     """Response tokens as generated (before corrections rewrote any)."""
     busy_s: float
+
+    @property
+    def teacher_tokens(self) -> int:
+        """What the round cost the teachers: the response tokens they scored, plus those they wrote as corrections."""
+        return self.tokens + int(self.metrics.get("correction/teacher_tokens", 0))
 
     def to_state(self) -> dict:
         """Everything but the samples, as JSON (the samples go to a safetensors file beside it)."""
@@ -93,6 +99,8 @@ class Feedback:
         shown = [s.response_ids for s in samples[:SHOWN]]
         if cfg.correction.enabled:
             metrics |= self.correct(samples, seed)
+        if advantages.shapes_advantages(cfg.loss):  # after corrections: over the tokens the student wrote
+            metrics |= advantages.assign(samples, cfg.loss)
         examples = self.sample_rows(samples[:SHOWN], shown)
         return ScoredRound(samples, metrics, share, examples, tokens, time.perf_counter() - t0)
 
