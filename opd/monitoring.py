@@ -145,13 +145,30 @@ class Monitor:
         tmp = self.output_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(self.output_dir / "summary.json")
+        plotted = self.plot_curves(final.get("teacher_accuracy"))
         if self.run is not None:
             try:
+                import wandb
+
                 self.run.summary.update({f"final/{k}": v for k, v in _finite(final).items() if v is not None})
+                if plotted is not None:
+                    self.run.log({"curves": wandb.Image(str(plotted))})
             except Exception as err:
                 warnings.warn(f"W&B summary failed: {err}", stacklevel=2)
         self.close()
         return summary
+
+    def plot_curves(self, teacher_accuracy: float | None) -> Path | None:
+        """`output_dir/curves.png`: held-out accuracy and reverse KL per round, readable without W&B."""
+        from opd import curves
+
+        path = self.output_dir / "curves.png"
+        try:
+            curves.plot({"student": self.history}, path, teacher_accuracy=teacher_accuracy)
+        except Exception as err:
+            warnings.warn(f"curves.png not written: {err}", stacklevel=2)
+            return None
+        return path
 
     def close(self) -> None:
         """Finish the W&B run (idempotent: also called when a run stops early, so the next attempt can resume it)."""
