@@ -56,6 +56,7 @@ class Controller:
         self.order: list[int] = []
         self.version = 0
         self.teacher_tokens = 0
+        self.rounds_done = 0
         self.signal_share: dict[str, float] = {}
         self.examples: list[dict] = []
         produce = self.launch_round if cfg.mode == "on_policy" else self.teacher_round
@@ -84,20 +85,28 @@ class Controller:
         # The progress line: the train reverse KL and each eval set's greedy accuracy.
         shown = {"train/reverse_kl": "kl"}
         shown |= {f"{prefix(n)}student_accuracy": f"acc{n and f'[{n}]'}" for n in self.evaluator.sets}
+        self.rounds_done = start
         bar = tqdm(range(start + 1, cfg.rounds + 1), desc="distilling", unit="round", dynamic_ncols=True)
         bar.update(start)
         for r in bar:
             metrics = self.round(r)
-            if r % cfg.eval.every == 0 or r == cfg.rounds:
+            self.rounds_done = r
+            last = r == cfg.rounds or 0 < cfg.max_teacher_tokens <= self.teacher_tokens
+            if r % cfg.eval.every == 0 or last:
                 metrics |= self.evaluator.student()
                 self.monitor.table("samples", self.examples, step=r)
             self.monitor.log(metrics, step=r)
             # Before the checkpoint: a round that is checkpointed has its export, so a resume need not redo it.
             if cfg.checkpoint.export_every and r % cfg.checkpoint.export_every == 0:
                 self.export(os.path.abspath(os.path.join(cfg.output_dir, f"student_round_{r}")))
-            if cfg.checkpoint.every and (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
+            if cfg.checkpoint.every and (r % cfg.checkpoint.every == 0 or last):
                 self.save_checkpoint(r)
             bar.set_postfix({label: f"{metrics[k]:.3g}" for k, label in shown.items() if k in metrics})
+            if last:
+                if r < cfg.rounds:
+                    print(f"\nmax_teacher_tokens={cfg.max_teacher_tokens} reached at round {r}", flush=True)
+                break
+        bar.close()
         self.schedule.close()
         student_path = os.path.abspath(os.path.join(cfg.output_dir, "student"))
         self.export(student_path)
@@ -127,7 +136,7 @@ class Controller:
         """Totals over the run: teacher tokens and each teacher's share of the signal (provenance.json)."""
         for name, n in ready.scored.share.items():
             self.signal_share[name] = self.signal_share.get(name, 0.0) + n
-        self.teacher_tokens += ready.scored.tokens
+        self.teacher_tokens += ready.scored.teacher_tokens
         self.examples = ready.scored.examples
 
     def learn(self, batch: list) -> tuple[list[dict[str, float]], float]:
@@ -196,7 +205,7 @@ class Controller:
             "eval_sets": per_set,
             "teacher_tokens": self.teacher_tokens,
             "teacher_signal_share": self.signal_share,
-            "rounds": self.cfg.rounds,
+            "rounds": self.rounds_done,
             "policy_version": self.version,
             "student_path": student_path,
         }

@@ -245,3 +245,33 @@ def test_resume_with_rounds_in_flight_trains_on_exactly_what_an_uninterrupted_ru
     assert resumed.version == whole.version and resumed.order == whole.order
     # Nothing in flight was generated twice: the resumed run launched only what the cut one had not.
     assert first.rollout.launches + resumed.rollout.launches == whole.rollout.launches
+
+
+class RunMonitor(Monitor):
+    """What `Controller.run` also calls: example tables and the final summary."""
+
+    def table(self, name, rows, step) -> None:
+        pass
+
+    def finish(self, final) -> dict:
+        return {"final": final, "rounds": self.history}
+
+
+@pytest.mark.parametrize(("mode", "depth"), [("sync", 1), ("async", 2)])
+def test_max_teacher_tokens_stops_after_the_round_that_reaches_it_and_evaluates_there(tmp_path, mode, depth):
+    cfg = config(mode, depth, rounds=10, tmp=tmp_path)
+    cfg.max_teacher_tokens = 2 * PER_ROUND * SAMPLES + 1  # the fake teacher spends one token per sample
+    cfg.eval = SimpleNamespace(every=100)
+    cfg.checkpoint.every = cfg.checkpoint.export_every = 0
+    c = controller(cfg)
+    c.monitor = RunMonitor()
+    evals = []
+    c.evaluator = SimpleNamespace(
+        sets={"": []},
+        student=lambda: evals.append(c.version) or {"eval/student_accuracy": 0.5, "eval/reverse_kl": 0.1},
+        teacher_accuracy=lambda: {"eval/teacher_accuracy": 1.0},
+    )
+    summary = c.run()
+    assert summary["final"]["rounds"] == 3 and c.teacher_tokens == 3 * PER_ROUND * SAMPLES
+    assert len(c.learner.trained) == 3 * MINI_BATCHES
+    assert evals == [0, 3 * MINI_BATCHES]  # before training, and after the last round run
