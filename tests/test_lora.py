@@ -124,15 +124,39 @@ def test_lora_trains_checkpoints_and_saves_under_every_zero_stage(tiny_assets, t
         assert (tmp_path / f"student{stage}" / "adapter" / "adapter_config.json").exists()
 
 
+def reachable_teacher(student: Path, out: Path) -> Path:
+    """The student with a random rank-8 change to every weight LoRA adapts: a teacher LoRA can reach exactly.
+
+    The tiny teacher of conftest.py is peaked through its scaled embeddings, which LoRA does not adapt (and the
+    final norm undoes any scaling the adapted layers could give), so a LoRA student closes little of that gap.
+    """
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if any(name.endswith(f"{m}.weight") for m in LoraConfig().target_modules):
+                a = torch.randn(w.shape[0], 8, generator=gen)
+                b = torch.randn(8, w.shape[1], generator=gen)
+                w.add_(a @ b / 8)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(student).save_pretrained(out)
+    return out
+
+
 @pytest.mark.integration
 def test_lora_run_trains_syncs_merged_weights_and_saves_a_merged_student(tiny_assets, tmp_path):
+    teacher = reachable_teacher(tiny_assets["student"], tmp_path / "teacher")
     overrides = [*tiny_overrides(tiny_assets, tmp_path), "rollout.num_workers=1", "learner.num_shards=2"]
-    summary = launch([*overrides, "learner.zero_stage=3", "learner.lora.rank=8", "rounds=3"])
+    summary = launch(
+        [*overrides, f"teachers.0.model={teacher}", "learner.zero_stage=3", "learner.lora.rank=8", "rounds=3"]
+    )
     trained = [r for r in summary["rounds"] if "learner/loss" in r]
     gaps = [r.get("learner/sampler_learner_logprob_gap", 1.0) for r in trained]
     assert len(gaps) == 3 and max(gaps) < 1e-4, summary["rounds"]  # the engines sample with the merged weights
     final = summary["final"]
-    assert final["reverse_kl_after"] < final["reverse_kl_before"], final
+    assert final["reverse_kl_after"] < 0.8 * final["reverse_kl_before"], final
 
     path = Path(final["student_path"])
     assert (path / "adapter" / "adapter_config.json").exists()
