@@ -196,3 +196,14 @@ def test_teacher_signal_crosses_processes_as_three_flat_arrays():
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
             assert getattr(got, name).dtype == getattr(want, name).dtype
     assert pickle.loads(pickle.dumps(ScoredBatch())) == []
+
+
+def test_request_seeds_are_distinct_reproducible_and_apart_from_the_next_calls():
+    from opd.rollout.engine import request_seeds
+
+    seeds = request_seeds(5, 64)
+    assert len(set(seeds)) == 64 and all(0 <= s < 2**31 for s in seeds)
+    assert request_seeds(5, 64) == seeds and request_seeds(None, 3) == [None] * 3
+    # vLLM seeds sample k of a request with seed + k: the next call's streams must not be this one's shifted
+    streams = {s + k for s in seeds for k in range(8)}
+    assert not streams & {s + k for s in request_seeds(6, 64) for k in range(8)}

@@ -35,6 +35,9 @@ if __name__ == "__main__":
     stop = next(t for r in greedy for t in r[1:] if t not in stops)  # a token some response writes after its first
     cut = [ids.tolist() for pairs in engine.sample(llm, prompts, 1, 8, 0.0, None, [*stops, stop]) for ids, _ in pairs]
     hf_cut = [ids.tolist() for pairs in hf.sample(model, prompts, 1, 8, 0.0, None, [*stops, stop]) for ids, _ in pairs]
+    twice = [prompts[0], prompts[0]]  # one prompt sent twice in a seeded call, then the call again, then seed 6
+    draw = lambda s: [i.tolist() for pairs in engine.sample(llm, twice, 2, 8, 1.0, s, []) for i, _ in pairs]
+    seeded = [draw(s) for s in (5, 5, 6)]
     rows = [p for p in prompts for _ in range(3)]
     ids = [i.tolist() for pairs in sampled for i, _ in pairs]
     rescored = hf.score(model, rows, ids, 1, 0.8)
@@ -47,6 +50,9 @@ if __name__ == "__main__":
         "lengths_ok": all(1 <= len(i) <= 8 and len(lp) == len(i) for pairs in sampled for i, lp in pairs),
         "stops_at_any_stop_id": cut == [r[: r.index(stop) + 1] if stop in r else r for r in greedy] != greedy,
         "greedy_as_in_transformers": cut == hf_cut,
+        "same_prompt_same_call_differs": seeded[0][:2] != seeded[0][2:],
+        "seeded_call_reproduces": seeded[0] == seeded[1],
+        "next_seed_shares_no_sample": not set(map(tuple, seeded[0])) & set(map(tuple, seeded[2])),
         "sample_logprob_gap": max(
             float(np.abs(lp - r.logprobs).max()) for (_, lp), r in zip([x for ps in sampled for x in ps], rescored)
         ),
@@ -57,7 +63,7 @@ if __name__ == "__main__":
 def test_vllm_score_and_sample_agree_with_a_transformers_forward_pass(tiny_assets):
     """The teacher signal from vLLM's prompt log-probs (token log-prob and top-k) and the sampler's own log-probs
     at temperature 0.8 equal what the model gives in transformers, position by position; greedy responses end at
-    the first of the stop ids given, as the transformers backend's do."""
+    the first of the stop ids given, as the transformers backend's do; seeded sampling is independent per prompt."""
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_assets["teacher"])],
         cwd=ROOT,
@@ -72,4 +78,7 @@ def test_vllm_score_and_sample_agree_with_a_transformers_forward_pass(tiny_asset
     assert result["logprob_gap"] < 1e-4 and result["topk_value_gap"] < 1e-4 and result["topk_ids_equal"]
     assert result["samples_per_prompt"] == [3, 3, 3] and result["lengths_ok"]
     assert result["sample_logprob_gap"] < 1e-4
+    # Every prompt of a seeded call draws its own random numbers; the same seed gives the same samples again.
+    assert result["same_prompt_same_call_differs"] and result["seeded_call_reproduces"]
+    assert result["next_seed_shares_no_sample"]
     assert result["stops_at_any_stop_id"] and result["greedy_as_in_transformers"]

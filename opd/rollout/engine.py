@@ -111,6 +111,19 @@ def make_llm(model: str, engine, seed: int, **extra):
     )
 
 
+def request_seeds(seed: int | None, count: int) -> list[int | None]:
+    """One seed per prompt of a seeded call, drawn from `seed`.
+
+    vLLM seeds a request's k-th sample with seed + k, so prompts sent with one seed draw the same random numbers
+    (identical responses wherever their distributions agree, a round's samples correlated across prompts) and
+    calls seeded s and s + 1 share all but one stream. Seeds spread by `np.random.SeedSequence` keep every
+    prompt's samples independent and a call with the same `seed` reproducible.
+    """
+    if seed is None:
+        return [None] * count
+    return [int(x) for x in np.random.SeedSequence(seed).generate_state(count) % 2**31]
+
+
 def sample(
     llm,
     prompts: list[list[int]],
@@ -130,18 +143,21 @@ def sample(
     """
     from vllm import SamplingParams
 
-    params = SamplingParams(
-        n=n,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=0,
-        top_p=top_p,
-        stop_token_ids=list(stop_ids),
-        logprobs=0,
-        seed=seed,
-        detokenize=False,
-        flat_logprobs=True,
-    )
+    params = [
+        SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=0,
+            top_p=top_p,
+            stop_token_ids=list(stop_ids),
+            logprobs=0,
+            seed=s,
+            detokenize=False,
+            flat_logprobs=True,
+        )
+        for s in request_seeds(seed, len(prompts))
+    ]
     outputs = llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params, use_tqdm=False)
     result = []
     for out in outputs:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opd.rollout.engine import Scored
+from opd.rollout.engine import Scored, request_seeds
 
 CHUNK = 16
 """Sequences per request: large enough that a server batches them, small enough that `max_concurrency` requests
@@ -194,11 +194,16 @@ class ServedClient:
         seed: int | None,
         stop_ids: list[int],
     ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """`engine.sample`'s result, from requests of up to CHUNK prompts each."""
+        """`engine.sample`'s result, from requests of up to CHUNK prompts each; seeded, one prompt a request, each
+        with its own seed (`request_seeds`: the server seeds every prompt of a request alike)."""
 
-        def one(part: list[list[int]]) -> list:
-            body = sample_body(self.endpoint.model, part, n, max_tokens, temperature, seed, stop_ids)
+        def one(job: tuple[list[list[int]], int | None]) -> list:
+            part, part_seed = job
+            body = sample_body(self.endpoint.model, part, n, max_tokens, temperature, part_seed, stop_ids)
             return parse_samples(post(self.endpoint, "/completions", body)["choices"], len(part), n)
 
-        parts = [prompts[i : i + CHUNK] for i in range(0, len(prompts), CHUNK)]
-        return [x for result in self.pool.map(one, parts) for x in result]
+        if seed is None:
+            jobs = [(prompts[i : i + CHUNK], None) for i in range(0, len(prompts), CHUNK)]
+        else:
+            jobs = [([p], s) for p, s in zip(prompts, request_seeds(seed, len(prompts)), strict=True)]
+        return [x for result in self.pool.map(one, jobs) for x in result]
