@@ -42,6 +42,9 @@ VS_TRL = {
             "rollout.prompts_per_round=16",
             "rollout.samples_per_prompt=4",
             "learner.mini_batches=1",  # one optimizer step per round of 64 samples, so TRL generates 64 at once
+            "learner.lr=3e-4",  # TRL's side runs AdamW at opd's lr with no schedule: so does opd here
+            "learner.lr_schedule=constant",
+            "learner.warmup_steps=0",
             "eval.every=1000",
             "data.eval_size=64",
         ),

@@ -1,13 +1,13 @@
 """Built-in demo assets: an addition teacher, a weak student, and the prompts they are run on.
 
 `make demo` distills with nothing downloaded, so what it needs is trained here, on the CPU,
-the first time it is asked for, and cached under `cache_dir/addition-v1/`:
+the first time it is asked for, and cached under `cache_dir/addition-v2/`:
 
     addition-teacher/     Qwen2, 3 layers, hidden 128 (0.48M params), trained to >= 90% greedy
                           accuracy (it reaches 100%)
-    addition-student/     Qwen2, 2 layers, hidden 128, half the MLP (0.23M params), SFT'd only
+    addition-student/     Qwen2, 3 layers, hidden 128, half the MLP (0.33M params), SFT'd only
                           until it writes the format, stops, and gets >= 10% right (it lands
-                          around 10-30%: one phase transition in its learning curve)
+                          around 10-20%: one phase transition in its learning curve)
     addition/train.jsonl  5000 prompts (`prompt`, `answer`) for on-policy rollouts
     addition/eval.jsonl   256 held-out prompts, none of which is in train
     meta.json             measured accuracies, parameter counts, build times and recipes
@@ -15,9 +15,11 @@ the first time it is asked for, and cached under `cache_dir/addition-v1/`:
 Why this shape: on-policy distillation needs a teacher that is clearly right and a student
 that is clearly wrong but already on format, so the demo shows accuracy climbing from the
 student's start toward the teacher's within minutes. The two share one tokenizer (digits one
-per token), so the same-vocabulary path is what the demo exercises; they differ in depth and
-width, so nothing relies on the models matching. The student has the capacity to solve the
-task (it is only under-trained), so the gap is one distillation can close. Operands have 2-3
+per token), so the same-vocabulary path is what the demo exercises; they differ in MLP width, so
+nothing relies on the models matching. The student has the capacity to solve the task (it is only
+under-trained), so the gap is one distillation can close: with the recipe's SFT run to the end
+(1500 steps) this student reaches 100% greedy accuracy, where a 2-layer student (hidden 128) tops
+out at 88% and one with the teacher's MLP width at 61%; the depth is what the carries need. Operands have 2-3
 digits (both the same length): carries chain across columns, yet the teacher learns it in
 about 1200 small steps. The task and its scratchpad format are described in
 `opd.tasks.addition`.
@@ -86,7 +88,7 @@ TEACHER = Recipe(
     eval_every=400,
 )
 STUDENT = Recipe(
-    TinySpec(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=128),
+    TinySpec(layers=3, hidden=128, heads=4, kv_heads=2, intermediate=128),
     steps=1000,
     batch_size=16,
     lr=3e-3,

@@ -11,7 +11,7 @@ from typing import Literal
 
 BUILTIN = "builtin:"
 """The prefix of a built-in reference in the config: `builtin:<name>`."""
-ADDITION = "addition-v1"
+ADDITION = "addition-v2"
 """Cache directory of the addition set (opd/assets.py); a new version is a new directory, never a rebuild."""
 SMOLLM2 = "smollm2-v1"
 """Cache directory of the SmolLM2 set (opd/pretrained.py)."""
