@@ -207,3 +207,10 @@ def test_request_seeds_are_distinct_reproducible_and_apart_from_the_next_calls()
     # vLLM seeds sample k of a request with seed + k: the next call's streams must not be this one's shifted
     streams = {s + k for s in seeds for k in range(8)}
     assert not streams & {s + k for s in request_seeds(6, 64) for k in range(8)}
+
+
+def test_learner_metrics_average_over_the_parts_that_report_them():
+    from opd.learner.group import mean_metrics
+
+    parts = [{"loss": 1.0, "correction_sft_nll": 2.0}, {"loss": 3.0}]  # the second shard had no corrected sample
+    assert mean_metrics(parts) == {"loss": 2.0, "correction_sft_nll": 2.0}

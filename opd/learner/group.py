@@ -62,9 +62,14 @@ def gather(refs: list, shards: list) -> list:
     return ray.get(refs)
 
 
-def mean_metrics(per_shard: list[dict[str, float]]) -> dict[str, float]:
-    keys = per_shard[0].keys()
-    return {k: sum(m[k] for m in per_shard) / len(per_shard) for k in keys}
+def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the parts (shards, mini-batches) that report it: a part with no corrected sample
+    reports no correction loss, which became rare late in a run with corrections and made this a KeyError."""
+    values: dict[str, list[float]] = {}
+    for m in parts:
+        for k, v in m.items():
+            values.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 class LearnerGroup:
