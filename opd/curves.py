@@ -50,14 +50,16 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = iter(f"C{i}" for i in range(10**6))  # one color per curve, the same on both axes
     for label, history in runs.items():
         for prefix in eval_prefixes(history):
             name = label if prefix == "eval/" else f"{label} {prefix.removeprefix('eval/').rstrip('/')}"
-            acc_ax.plot(*points(history, ACCURACY, x, prefix), marker="o", label=name)
-            kl_ax.plot(*points(history, KL, x, prefix), marker="o", label=f"{name} held-out")
+            color = next(colors)
+            acc_ax.plot(*points(history, ACCURACY, x, prefix), marker="o", color=color, label=name)
+            kl_ax.plot(*points(history, KL, x, prefix), marker="o", color=color, label=f"{name} held-out")
         train_kl = points(history, KL, x, prefix="train/")
         if train_kl[0]:
-            kl_ax.plot(*train_kl, alpha=0.4, label=f"{label} on-policy samples")
+            kl_ax.plot(*train_kl, alpha=0.3, color=color, label=f"{label} on-policy samples")
     if teacher_accuracy is not None:
         acc_ax.axhline(teacher_accuracy, color="black", linestyle="--", label="teacher")
     xlabel = "round" if x == "round" else x.removeprefix("train/").replace("_", " ")
