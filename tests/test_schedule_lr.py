@@ -89,8 +89,10 @@ def test_bad_schedule_and_export_keys_are_refused_by_name(tiny_assets, override,
         load_config("default", [*data, override])
 
 
-def test_the_default_is_constant_without_warmup_and_no_exports(tiny_assets):
-    cfg = load_config("default", [f"data.train={tiny_assets['train']}", f"data.eval={tiny_assets['eval']}"])
-    learner = cfg.learner
+def test_the_schema_default_is_constant_without_warmup_and_no_exports():
+    """The schema's (conf/default.yaml, the demo, chooses a cosine schedule for itself)."""
+    from opd.config.training import CheckpointConfig, LearnerConfig
+
+    learner = LearnerConfig()
     assert (learner.lr_schedule, learner.warmup_steps, learner.min_lr_ratio) == ("constant", 0, 0.0)
-    assert cfg.checkpoint.export_every == 0
+    assert CheckpointConfig().export_every == 0
