@@ -78,8 +78,7 @@ def advantages(
     if baseline == "group":
         adv = leave_one_out(adv, groups)
     if normalize:
-        flat = np.concatenate([a for a in adv if len(a)] or [np.zeros(1)])
-        std = float(flat.std())
+        std = float(_flat(adv).std())
         if std > 0:
             adv = [a / std for a in adv]
     return adv
@@ -97,6 +96,9 @@ def assign(samples: list, loss) -> dict[str, float]:
     adv = advantages(r, [s.prompt_index for s in samples], loss.discount, loss.baseline, loss.normalize_advantages)
     for s, a in zip(samples, adv, strict=True):
         s.advantages = a.astype(np.float32)
-    flat_r = np.concatenate([x for x in r if len(x)] or [np.zeros(1)])
-    flat_a = np.concatenate([x for x in adv if len(x)] or [np.zeros(1)])
-    return {"train/reward_std": float(flat_r.std()), "train/advantage_std": float(flat_a.std())}
+    return {"train/reward_std": float(_flat(r).std()), "train/advantage_std": float(_flat(adv).std())}
+
+
+def _flat(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Every token's value in one array (a single 0 when there are none, so a deviation is 0, not NaN)."""
+    return np.concatenate([a for a in arrays if len(a)] or [np.zeros(1)])

@@ -7,6 +7,7 @@ can be re-plotted from its summary alone.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 ACCURACY, KL, TEACHER_TOKENS = "student_accuracy", "reverse_kl", "train/teacher_tokens"
@@ -50,7 +51,7 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = iter(f"C{i}" for i in range(10**6))  # one color per curve, the same on both axes
+    colors = (f"C{i}" for i in itertools.count())  # one color per curve, the same on both axes
     for label, history in runs.items():
         for prefix in eval_prefixes(history):
             name = label if prefix == "eval/" else f"{label} {prefix.removeprefix('eval/').rstrip('/')}"
