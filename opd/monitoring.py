@@ -12,6 +12,8 @@ import re
 import warnings
 from pathlib import Path
 
+SUMMARY_FILE = "summary.json"
+"""In `output_dir`: the final figures and every round's metrics (what launch.py points to when it ends)."""
 REDACTED = "***"
 _NAME_PARTS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _SECRET_ENDINGS = ("key", "keys", "token", "secret", "secrets", "password", "passwd", "credential", "credentials")
@@ -142,9 +144,9 @@ class Monitor:
     def finish(self, final: dict) -> dict:
         """Write summary.json, close W&B, and return the summary."""
         summary = {"final": _finite(final), "rounds": self.history, "wandb_dir": self.wandb_dir}
-        tmp = self.output_dir / "summary.json.tmp"
+        tmp = self.output_dir / f"{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(self.output_dir / "summary.json")
+        tmp.replace(self.output_dir / SUMMARY_FILE)
         plotted = self.plot_curves(final.get("teacher_accuracy"))
         if self.run is not None:
             try:

@@ -21,7 +21,14 @@ def launch(overrides: list[str], timeout: int = 1500) -> dict:
         [sys.executable, "launch.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return summary_of(proc.stdout)
+
+
+def summary_of(stdout: str) -> dict:
+    """The run's summary.json, which launch.py names on its last stdout line (`summary: PATH`)."""
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("summary: "), last
+    return json.loads(Path(last.removeprefix("summary: ")).read_text())
 
 
 def start(overrides: list[str], **popen) -> subprocess.Popen:

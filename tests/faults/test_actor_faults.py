@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.test_resume import overrides
-from tests.stack import start, stopped_after
+from tests.stack import start, stopped_after, summary_of
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +39,7 @@ def run_with_fault(args: list[str], out: Path, fault) -> tuple[dict, str]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-4000:]
-    return json.loads(stdout.strip().splitlines()[-1]), stdout
+    return summary_of(stdout), stdout
 
 
 # async: the hung teacher is met by the feedback thread, which scores the next round while the controller learns.
