@@ -25,6 +25,7 @@ __all__ = [
     "policy_gradient_loss",
     "policy_gradient_per_token",
     "reverse_kl_advantage",
+    "reverse_kl_sampled_tail_per_token",
     "sft_on_teacher",
     "sft_per_token",
     "tempered",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 _EPS = 1e-8
+_TAIL_MASS = 1e-4
+"""Student mass off the teacher's top-k below which the sampled tail's baseline is 0 (see reverse_kl_sampled_tail)."""
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -215,6 +218,66 @@ def topk_student_logprobs(student_logits: Tensor, topk_ids: Tensor, teacher_topk
     logits = student_logits.float()
     picked = logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
     return picked.masked_fill(~valid, float("-inf"))
+
+
+def reverse_kl_sampled_tail_per_token(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    sampled_ids: Tensor,
+    teacher_sampled_logprobs: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The full-vocabulary reverse ``KL(student || teacher)`` per position ``[B, T]``, from the teacher's top-k alone
+    plus its log-prob of the token the student sampled there -> ``(loss, estimate)``.
+
+    ``KL = sum_{j in K} s_j log(s_j / t_j) + sum_{j not in K} s_j log(s_j / t_j)``. The first sum (the head) is
+    exact. The second (the tail) is where a student far from its teacher keeps most of its divergence: spread over a
+    large vocabulary, its mass lands on tokens the teacher gives almost nothing, which one "rest" bucket
+    (``with_rest``) cannot see once the teacher's own rest is large. With ``x ~ s`` the sampled token and
+    ``r = log s_x - log t_x``, ``1{x not in K} r`` estimates the tail without bias, and its gradient is
+    ``E_x[1{x not in K} r grad log s_x] + grad s_rest`` (``s_rest`` the student's mass off the top-k), which the
+    surrogate ``head + 1{x not in K} stopgrad(r - b) log s_x + (1 + b) s_rest`` has in expectation for any ``b`` that
+    does not depend on ``x``. ``b`` is the baseline of a uniform teacher tail (``_uniform_tail_baseline``): most of
+    ``r`` is the teacher's tail log-prob, about the same for every tail token, and it is taken out of the sampled
+    term, which then carries only each token's deviation from it. ``loss`` carries that gradient with the
+    estimate's value; ``estimate`` is the detached value. Both assume ``x`` was drawn from the student; samples from
+    an older policy need the importance weight s_x / sampler_x (the learner's mask has it). ``-inf`` teacher
+    entries are padding, as in ``topk_student_logprobs``.
+    """
+    logits = student_logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    valid = torch.isfinite(teacher_topk_logprobs)
+    ids = torch.where(valid, topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))
+    top = (logits.gather(-1, ids) - norm).masked_fill(~valid, float("-inf"))
+    head = _kl_from_logprobs(top, teacher_topk_logprobs)
+    own = logits.gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1) - norm.squeeze(-1)
+    in_top = ((ids == sampled_ids.long().unsqueeze(-1)) & valid).any(dim=-1)
+    ratio = (own - teacher_sampled_logprobs.float()).detach()
+    tail = torch.where(in_top, torch.zeros_like(own), ratio)
+    rest = -torch.expm1(torch.logsumexp(top, dim=-1))
+    baseline = _uniform_tail_baseline(logits, norm, top, teacher_topk_logprobs)
+    centred = torch.where(in_top, torch.zeros_like(own), ratio - baseline)
+    estimate = (head + tail).detach()
+    surrogate = head + centred * own + (1.0 + baseline) * rest
+    return estimate + (surrogate - surrogate.detach()), estimate  # the value exactly the estimate
+
+
+def _uniform_tail_baseline(logits: Tensor, norm: Tensor, student_top: Tensor, teacher_top: Tensor) -> Tensor:
+    """``E[log s_x - log t_x | x off the top-k]`` were the teacher's tail mass spread evenly over its tail tokens,
+    ``[B, T]``, detached: the student's mean tail log-prob (its full entropy less the top-k's share, over its
+    tail mass) less ``log(t_rest / (V - k))``. A function of the position, not of the sampled token."""
+    with torch.no_grad():
+        # -entropy, a row at a time: [positions, vocab] temporaries, not [batch, positions, vocab] ones
+        total = torch.stack([((row - n).exp() * (row - n)).sum(-1) for row, n in zip(logits, norm, strict=True)])
+        finite = torch.isfinite(student_top)
+        top = torch.where(finite, student_top, torch.zeros_like(student_top))
+        head = (top.exp() * top * finite).sum(-1)
+        student_rest = (-torch.expm1(torch.logsumexp(student_top, dim=-1))).clamp(min=_EPS)
+        teacher_rest = (-torch.expm1(torch.logsumexp(teacher_top.float(), dim=-1).clamp(max=0.0))).clamp(min=_EPS)
+        tail_tokens = (logits.shape[-1] - torch.isfinite(teacher_top).sum(-1)).clamp(min=1)
+        baseline = (total - head) / student_rest - (torch.log(teacher_rest) - torch.log(tail_tokens.float()))
+        # With next to no tail the mean above is rounding error over a tiny mass; any value is unbiased, 0 is exact.
+        return torch.where(student_rest > _TAIL_MASS, baseline, torch.zeros_like(baseline))
 
 
 def sft_on_teacher(logits: Tensor, target_ids: Tensor, mask: Tensor) -> Tensor:

@@ -60,13 +60,16 @@ def grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "topk_kl", "sft"])
+LOSSES = [("reverse_kl", {}), ("jsd", {}), ("jsd", {"beta": 1.0, "tail": "sampled"}), ("topk_kl", {}), ("sft", {})]
+
+
+@pytest.mark.parametrize(("name", "settings"), LOSSES, ids=lambda x: x if isinstance(x, str) else "-".join(x))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 10_000])
-def test_chunked_loss_has_the_full_logits_loss_gradients_and_metrics(name, temperature, chunk_tokens):
+def test_chunked_loss_has_the_full_logits_loss_gradients_and_metrics(name, settings, temperature, chunk_tokens):
     batch = batch_of_samples()
     assert "sft_mask" in batch and "advantage_bonus" in batch  # the corrections' SFT term is in every loss
-    cfg = LossConfig(type=name, top_k=K, beta=0.3)
+    cfg = LossConfig(type=name, top_k=K, **({"beta": 0.3} | settings))
     model = tiny_model()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
@@ -82,10 +85,12 @@ def test_chunked_loss_has_the_full_logits_loss_gradients_and_metrics(name, tempe
         hidden, model.get_output_embeddings(), batch, cfg, temperature, 2.0, chunk_tokens
     )
     got_loss.backward()
-    assert float(got_loss.detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
-    assert got_metrics == pytest.approx(metrics, rel=1e-6, abs=1e-9)
+    # The objective runs in float32: the sampled tail's per-token estimates (+-3 nats on this random signal) cancel
+    # to a loss of ~0.06, so its rounding is ~1e-7 absolute, not relative.
+    assert float(got_loss.detach()) == pytest.approx(float(loss.detach()), rel=1e-6, abs=1e-6)
+    assert got_metrics == pytest.approx(metrics, rel=1e-6, abs=1e-6)
     for a, b in zip(grads(model), expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # the objective runs in float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_chunks_never_hold_the_whole_micro_batchs_logits():

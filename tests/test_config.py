@@ -46,6 +46,7 @@ def test_overrides_reach_nested_and_list_fields(tiny_assets):
         ("learner.mini_batches=3", "learner.mini_batches"),
         ("wandb.mode=sometimes", "wandb.mode"),
         ("buffer.order=lifo", "buffer.order"),
+        ("loss.tail=middle", "loss.tail"),
         ("buffer.num_shards=0", "buffer.num_shards"),
         ("buffer.train_per_round=100000", "buffer.train_per_round"),
         ("buffer.train_per_round=3", "buffer.train_per_round"),
@@ -64,6 +65,14 @@ def test_directory_without_config_json_is_not_a_model(tmp_path):
 def test_unknown_config_name():
     with pytest.raises(ConfigError, match="--config-name"):
         load_config("no-such-config")
+
+
+@pytest.mark.parametrize("other", ["loss.beta=0.5", "loss.type=topk_kl"])
+def test_a_sampled_tail_needs_the_reverse_kl(other):
+    """The tail is estimated under the student's samples: only jsd at beta=1 (reverse KL) has that form."""
+    assert load_config("default", ["loss.tail=sampled"]).loss.tail == "sampled"
+    with pytest.raises(ConfigError, match=r"loss\.tail=sampled .* loss\.type=jsd and loss\.beta=1"):
+        load_config("default", ["loss.tail=sampled", other])
 
 
 def test_launch_rejects_a_bad_key_fast_before_ray():

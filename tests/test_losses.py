@@ -15,6 +15,7 @@ from opd.losses import (
     masked_sums,
     policy_gradient_loss,
     reverse_kl_advantage,
+    reverse_kl_sampled_tail_per_token,
     sft_on_teacher,
     tempered,
     token_logprobs,
@@ -307,6 +308,85 @@ def test_topk_kl_mask_excludes_tokens() -> None:
     # With the second token included the mean changes: teacher [0.9 | 0.1], student [0.01 | 0.99].
     second = 0.9 * math.log(0.9 / 0.01) + 0.1 * math.log(0.1 / 0.99)
     assert_close(topk_kl(student, ids, lp, torch.ones(1, 2)), scalar((expected + second) / 2))
+
+
+# ---------------------------------------------------------------- reverse KL with a sampled tail
+
+
+def sampled_tail_expectation(theta: torch.Tensor, teacher: torch.Tensor, ids: list[int], k_valid: int):
+    """E over x ~ softmax(theta) of the per-token loss and estimate at one position, enumerating every x (the
+    probabilities detached: the expectation the learner's samples estimate), and the gradient of that loss."""
+    vocab = theta.shape[-1]
+    s = torch.softmax(theta.detach(), -1)
+    top_lp = torch.log(teacher)[ids].clone()
+    top_lp[k_valid:] = float("-inf")  # padding entries: any id, -inf log-prob
+    loss, value = torch.zeros(()), torch.zeros(())
+    for x in range(vocab):
+        per_token, estimate = reverse_kl_sampled_tail_per_token(
+            theta.expand(1, 1, vocab),
+            torch.tensor([[ids]]),
+            top_lp.view(1, 1, -1),
+            torch.tensor([[x]]),
+            torch.log(teacher[x]).view(1, 1),
+        )
+        loss, value = loss + s[x] * per_token[0, 0], value + s[x] * estimate[0, 0]
+    (grad,) = torch.autograd.grad(loss, theta)
+    return loss, value, grad
+
+
+@pytest.mark.parametrize(("ids", "k_valid"), [([2, 5], 2), ([4, 0, 1], 2), ([0, 1, 2, 3, 4, 5], 6), ([3], 0)])
+def test_sampled_tail_is_unbiased_for_the_full_reverse_kl_and_its_gradient(ids: list[int], k_valid: int) -> None:
+    """Enumerating the sampled token: the expected value is the full-vocabulary KL(student || teacher) and the
+    expected gradient is its gradient, whatever the teacher's top-k (some of it padding, all of the vocabulary,
+    none of it); the loss's value is the estimate."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=gen, dtype=torch.float64).float().requires_grad_()
+    teacher = torch.softmax(torch.randn(6, generator=gen) * 2, -1)
+    loss, value, grad = sampled_tail_expectation(theta, teacher, ids, k_valid)
+    s = torch.log_softmax(theta, -1)
+    full = (s.exp() * (s - torch.log(teacher))).sum()
+    (want,) = torch.autograd.grad(full, theta)
+    assert_close(value, full.detach())
+    assert_close(loss.detach(), full.detach())
+    assert_close(grad, want)
+
+
+def test_sampled_tail_has_no_variance_when_both_tails_are_flat() -> None:
+    """The baseline assumes an evenly spread teacher tail: when both tails are flat, every sampled token's gradient
+    is already the full KL's gradient (a zero-variance estimator); only the tails' shape is left to sampling."""
+    theta = torch.log(torch.tensor([0.3, 0.2, 0.125, 0.125, 0.125, 0.125])).requires_grad_()
+    teacher = torch.tensor([0.1, 0.5, 0.1, 0.1, 0.1, 0.1])
+    s = torch.log_softmax(theta, -1)
+    (want,) = torch.autograd.grad((s.exp() * (s - torch.log(teacher))).sum(), theta)
+    for x in range(6):
+        per_token, _ = reverse_kl_sampled_tail_per_token(
+            theta.expand(1, 1, 6),
+            torch.tensor([[[1, 0]]]),
+            torch.log(teacher[[1, 0]]).view(1, 1, 2),
+            torch.tensor([[x]]),
+            torch.log(teacher[x]).view(1, 1),
+        )
+        (grad,) = torch.autograd.grad(per_token.sum(), theta)
+        assert_close(grad, want)  # a tail token's sampled term is 0 after the baseline; a top-k token has none
+
+
+def test_sampled_tail_by_hand_and_the_bucket_misses_the_tail() -> None:
+    """Teacher [0.5, 0.3, 0.1, 0.1], top-1 = {0}; student [0.1, 0.1, 0.1, 0.7]. The sampled token 3 lies in the tail:
+    estimate = head 0.1 log(0.1/0.5) + log(0.7/0.1). The rest-bucket KL sees only [0.1 | 0.9] against [0.5 | 0.5]."""
+    student = logits_of([0.1, 0.1, 0.1, 0.7])
+    teacher_top = torch.tensor([[[math.log(0.5)]]])
+    _, estimate = reverse_kl_sampled_tail_per_token(
+        student, torch.tensor([[[0]]]), teacher_top, torch.tensor([[3]]), torch.tensor([[math.log(0.1)]])
+    )
+    assert_close(estimate, torch.tensor([[0.1 * math.log(0.1 / 0.5) + math.log(0.7 / 0.1)]]))
+    # A sampled token in the top-k adds nothing to the exact head.
+    _, in_top = reverse_kl_sampled_tail_per_token(
+        student, torch.tensor([[[0]]]), teacher_top, torch.tensor([[0]]), torch.tensor([[math.log(0.5)]])
+    )
+    assert_close(in_top, torch.tensor([[0.1 * math.log(0.1 / 0.5)]]))
+    full = kl([0.1, 0.1, 0.1, 0.7], [0.5, 0.3, 0.1, 0.1])
+    bucket = kl([0.1, 0.9], [0.5, 0.5])
+    assert bucket < 0.5 * full  # 0.37 against 1.09: what the bucket cannot see
 
 
 # ---------------------------------------------------------------- sft_on_teacher

@@ -10,7 +10,7 @@ from opd.advantages import BASELINES
 from opd.buffer.replay import ORDERS as BUFFER_ORDERS
 from opd.config.base import ConfigError, at_least_one, one_of
 from opd.config.models import EngineConfig
-from opd.learner.loss_types import LOSS_TYPES
+from opd.learner.loss_types import LOSS_TYPES, TAILS
 
 
 @dataclass
@@ -145,10 +145,20 @@ class LossConfig:
     """reverse_kl: none, or group (subtract, per position, the mean return of the prompt's other samples)."""
     normalize_advantages: bool = False
     """reverse_kl: divide each round's advantages by their standard deviation."""
+    tail: str = "bucket"
+    """jsd at beta=1 (reverse KL): the vocabulary outside the teacher's top-k as one "rest" category (bucket), or
+    the full-vocabulary KL, exact over the top-k and estimated from each sampled token elsewhere (sampled; for a
+    student far from its teacher over a large vocabulary, opd/losses.py reverse_kl_sampled_tail_per_token)."""
 
     def __post_init__(self) -> None:
         one_of("loss.type", self.type, LOSS_TYPES.names())
         one_of("loss.baseline", self.baseline, BASELINES)
+        one_of("loss.tail", self.tail, TAILS)
+        if self.tail == "sampled" and (self.type != "jsd" or self.beta != 1.0):
+            raise ConfigError(
+                f"loss.tail=sampled estimates the reverse KL's tail: it needs loss.type=jsd and loss.beta=1, "
+                f"not loss.type={self.type} loss.beta={self.beta}"
+            )
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"loss.beta={self.beta} must lie in [0, 1]")
         if not 0.0 <= self.discount <= 1.0:

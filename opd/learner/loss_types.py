@@ -32,3 +32,7 @@ LOSS_TYPES.add(
 )
 LOSS_TYPES.add("topk_kl", LossType("on_policy", "KL divergence over the teacher's top-{top_k} tokens"))
 LOSS_TYPES.add("sft", LossType("offline", "cross-entropy on teacher-written samples"))
+
+TAILS = ("bucket", "sampled")
+"""`loss.tail`: how jsd at beta=1 treats the vocabulary outside the teacher's top-k. bucket: one "rest" category;
+sampled: the full-vocabulary reverse KL, exact over the top-k and estimated from the sampled token elsewhere."""

@@ -129,13 +129,19 @@ def _off_policy_mask(logits, batch, cfg, temperature) -> tuple[torch.Tensor, Sum
 
 @implements("jsd")
 def jsd(logits, batch, cfg, temperature):
-    """Generalized JSD (GKD) between student and teacher over the teacher's top-k ids plus the rest of the mass."""
+    """Generalized JSD (GKD) between student and teacher over the teacher's top-k ids plus the rest of the mass, or
+    with `loss.tail=sampled` (beta=1) the full-vocabulary reverse KL, its part off the top-k sampled."""
     mask, sums = _off_policy_mask(logits, batch, cfg, temperature)
-    student = losses.topk_student_logprobs(
-        losses.tempered(logits, temperature), batch["topk_ids"], batch["topk_logprobs"]
-    )
-    teacher = losses.with_rest(batch["topk_logprobs"])
-    loss = losses.masked_sums(losses.generalized_jsd_per_token(losses.with_rest(student), teacher, cfg.beta), mask)
+    scaled = losses.tempered(logits, temperature)
+    if cfg.tail == "sampled":  # beta=1 (config checks it): the full-vocabulary reverse KL, its tail sampled
+        per_token, _ = losses.reverse_kl_sampled_tail_per_token(
+            scaled, batch["topk_ids"], batch["topk_logprobs"], _targets(batch), batch["teacher_logprobs"]
+        )
+    else:
+        student = losses.topk_student_logprobs(scaled, batch["topk_ids"], batch["topk_logprobs"])
+        teacher = losses.with_rest(batch["topk_logprobs"])
+        per_token = losses.generalized_jsd_per_token(losses.with_rest(student), teacher, cfg.beta)
+    loss = losses.masked_sums(per_token, mask)
     return sums | {"loss": loss, "jsd": (loss[0].detach(), loss[1])}
 
 
