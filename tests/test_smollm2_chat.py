@@ -24,8 +24,7 @@ def chat_run(smollm2_assets, tmp_path_factory):
     """The shipped config as a user runs it, on built-ins already in the session's cache, shortened for 2 cores."""
     out = tmp_path_factory.mktemp("smollm2_chat")
     cache = smollm2_assets[TEACHER].parents[1]  # <cache_dir>/<set>/<model>
-    # 3x the example's lr: its first rounds move the held-out reverse KL little, and the test has only 3 rounds
-    overrides = [f"cache_dir={cache}", "data.eval_size=8", "rollout.max_new_tokens=16", "learner.lr=6e-4"]
+    overrides = [f"cache_dir={cache}", "data.eval_size=8", "rollout.max_new_tokens=16"]
     summary = launch(
         ["--config-name", "smollm2_chat", *overrides, f"rounds={ROUNDS}", f"eval.every={ROUNDS}", f"output_dir={out}"]
     )
@@ -56,7 +55,8 @@ def test_held_out_reverse_kl_to_the_teacher_falls(chat_run):
     _, summary = chat_run
     final = summary["final"]
     assert final["rounds"] == ROUNDS
-    assert final["reverse_kl_after"] < 0.7 * final["reverse_kl_before"], final
+    # 10.44 -> 2.51 measured (3 rounds, the example's lr); with the rest-bucket tail it barely moved at 3x the lr
+    assert final["reverse_kl_after"] < 0.4 * final["reverse_kl_before"], final
 
 
 SCRIPT = """
