@@ -252,17 +252,19 @@ def reverse_kl_sampled_tail_per_token(
     head = _kl_from_logprobs(top, teacher_topk_logprobs)
     own = logits.gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1) - norm.squeeze(-1)
     in_top = ((ids == sampled_ids.long().unsqueeze(-1)) & valid).any(dim=-1)
-    ratio = (own - teacher_sampled_logprobs.float()).detach()
-    tail = torch.where(in_top, torch.zeros_like(own), ratio)
+    log_ratio = (own - teacher_sampled_logprobs.float()).detach()
+    tail = torch.where(in_top, torch.zeros_like(own), log_ratio)
     rest = -torch.expm1(torch.logsumexp(top, dim=-1))
-    baseline = _uniform_tail_baseline(logits, norm, top, teacher_topk_logprobs)
-    centred = torch.where(in_top, torch.zeros_like(own), ratio - baseline)
+    baseline = _uniform_tail_baseline(logits, norm, top, rest.detach(), teacher_topk_logprobs)
+    centred = torch.where(in_top, torch.zeros_like(own), log_ratio - baseline)
     estimate = (head + tail).detach()
     surrogate = head + centred * own + (1.0 + baseline) * rest
     return estimate + (surrogate - surrogate.detach()), estimate  # the value exactly the estimate
 
 
-def _uniform_tail_baseline(logits: Tensor, norm: Tensor, student_top: Tensor, teacher_top: Tensor) -> Tensor:
+def _uniform_tail_baseline(
+    logits: Tensor, norm: Tensor, student_top: Tensor, student_rest: Tensor, teacher_top: Tensor
+) -> Tensor:
     """``E[log s_x - log t_x | x off the top-k]`` were the teacher's tail mass spread evenly over its tail tokens,
     ``[B, T]``, detached: the student's mean tail log-prob (its full entropy less the top-k's share, over its
     tail mass) less ``log(t_rest / (V - k))``. A function of the position, not of the sampled token."""
@@ -272,10 +274,11 @@ def _uniform_tail_baseline(logits: Tensor, norm: Tensor, student_top: Tensor, te
         finite = torch.isfinite(student_top)
         top = torch.where(finite, student_top, torch.zeros_like(student_top))
         head = (top.exp() * top * finite).sum(-1)
-        student_rest = (-torch.expm1(torch.logsumexp(student_top, dim=-1))).clamp(min=_EPS)
         teacher_rest = (-torch.expm1(torch.logsumexp(teacher_top.float(), dim=-1).clamp(max=0.0))).clamp(min=_EPS)
         tail_tokens = (logits.shape[-1] - torch.isfinite(teacher_top).sum(-1)).clamp(min=1)
-        baseline = (total - head) / student_rest - (torch.log(teacher_rest) - torch.log(tail_tokens.float()))
+        baseline = (total - head) / student_rest.clamp(min=_EPS) - (
+            torch.log(teacher_rest) - torch.log(tail_tokens.float())
+        )
         # With next to no tail the mean above is rounding error over a tiny mass; any value is unbiased, 0 is exact.
         return torch.where(student_rest > _TAIL_MASS, baseline, torch.zeros_like(baseline))
 
