@@ -21,14 +21,19 @@ def launch(overrides: list[str], timeout: int = 1500) -> dict:
         [sys.executable, "launch.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith(SUMMARY_LINE)  # what README says the run ends with
     return summary_of(proc.stdout)
 
 
-def summary_of(stdout: str) -> dict:
-    """The run's summary.json, which launch.py names on its last stdout line (`summary: PATH`)."""
-    last = stdout.strip().splitlines()[-1]
-    assert last.startswith("summary: "), last
-    return json.loads(Path(last.removeprefix("summary: ")).read_text())
+SUMMARY_LINE = "summary: "
+
+
+def summary_of(output: str) -> dict:
+    """The run's summary.json, which launch.py names on its last stdout line (`summary: PATH`); `output` may go on
+    after it (a Ray job's log ends with the job's status)."""
+    named = [line for line in output.splitlines() if line.startswith(SUMMARY_LINE)]
+    assert named, output[-3000:]
+    return json.loads(Path(named[-1].removeprefix(SUMMARY_LINE)).read_text())
 
 
 def start(overrides: list[str], **popen) -> subprocess.Popen:
