@@ -56,7 +56,7 @@ def resolve(name: str, cache_dir: str) -> str:
 
 def main(argv: list[str]) -> dict:
     from opd.config import ConfigError, load_config
-    from opd.monitoring import SUMMARY_FILE
+    from opd.monitoring import SUMMARY_FILE, SUMMARY_LINE
 
     args = parse_args(argv)
     if args.multirun:
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> dict:
     summary = run(cfg)
     report(summary["final"])
     # Every round's metrics are in the file (a 300-round run's is ~1 MB): the terminal gets its path, last.
-    print(f"summary: {os.path.abspath(os.path.join(cfg.output_dir, SUMMARY_FILE))}", flush=True)
+    print(SUMMARY_LINE + os.path.abspath(os.path.join(cfg.output_dir, SUMMARY_FILE)), flush=True)
     return summary
 
 

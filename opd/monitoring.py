@@ -14,6 +14,8 @@ from pathlib import Path
 
 SUMMARY_FILE = "summary.json"
 """In `output_dir`: the final figures and every round's metrics (what launch.py points to when it ends)."""
+SUMMARY_LINE = "summary: "
+"""How launch.py's last stdout line starts: the path of the run's summary file follows."""
 REDACTED = "***"
 _NAME_PARTS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _SECRET_ENDINGS = ("key", "keys", "token", "secret", "secrets", "password", "passwd", "credential", "credentials")

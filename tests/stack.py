@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from opd import checkpoint
+from opd.monitoring import SUMMARY_LINE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,9 +24,6 @@ def launch(overrides: list[str], timeout: int = 1500) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1].startswith(SUMMARY_LINE)  # what README says the run ends with
     return summary_of(proc.stdout)
-
-
-SUMMARY_LINE = "summary: "
 
 
 def summary_of(output: str) -> dict:
