@@ -10,6 +10,11 @@
 
 Tokens are response tokens; opd's figures are its per-round `tokens_per_s`, `scored_tokens_per_s`, response
 tokens over `pipeline/learn_s` and `weight_sync_gb_per_s`, averaged over the same timed rounds.
+
+Beside each rate, the cores the stage's own process used on average and the cores the rest of the machine used
+meanwhile (bench/cpu_share.py): for opd, the actor running the stage against everything else (Ray's own
+processes, the idle actors); for the bare engine, the bench's process (and its children) against everything else.
+Where opd/bare is the ratio of the cores, the gap is the share of the machine opd's stage did not get.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
+from bench.cpu_share import STAGE_TITLES, ActorSampler, Shares
 
 
 def opd_rates(rounds: list[dict], samples_per_round: int) -> dict[str, float]:
@@ -35,7 +42,7 @@ def opd_rates(rounds: list[dict], samples_per_round: int) -> dict[str, float]:
     }
 
 
-def bare_rollout(cfg, student: str, prompts: list[list[list[int]]]):
+def bare_rollout(cfg, student: str, prompts: list[list[list[int]]], shares: Shares):
     """vLLM alone: response tokens/s over one `generate` call per round, and the last round's samples."""
     from vllm import SamplingParams
 
@@ -62,14 +69,15 @@ def bare_rollout(cfg, student: str, prompts: list[list[list[int]]]):
     tokens, seconds = 0, 0.0
     for batch in prompts[1:]:
         t0 = time.perf_counter()
-        outputs = generate(batch)
+        with shares.window("rollout"):
+            outputs = generate(batch)
         seconds += time.perf_counter() - t0
         tokens += sum(len(c.token_ids) for o in outputs for c in o.outputs)
     pairs = [(list(o.prompt_token_ids), list(c.token_ids)) for o in outputs for c in o.outputs]
     return tokens / seconds, pairs
 
 
-def bare_teacher(teacher: str, pairs: list, top_k: int):
+def bare_teacher(teacher: str, pairs: list, top_k: int, shares: Shares):
     """One transformers forward over the batch: response tokens/s, and each response's teacher log-probs/top-k."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -80,7 +88,7 @@ def bare_teacher(teacher: str, pairs: list, top_k: int):
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
     mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), shares.window("teacher scoring"):
         logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
         own = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
         top = logprobs.topk(top_k, dim=-1)
@@ -90,7 +98,7 @@ def bare_teacher(teacher: str, pairs: list, top_k: int):
     return sum(len(r) for _, r in pairs) / seconds, scored
 
 
-def bare_learner(cfg, student: str, pairs: list, scored: list) -> float:
+def bare_learner(cfg, student: str, pairs: list, scored: list, shares: Shares) -> float:
     """Plain torch AdamW steps on the batch in opd's micro-batches: response tokens/s of the second step."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -124,7 +132,8 @@ def bare_learner(cfg, student: str, pairs: list, scored: list) -> float:
         return time.perf_counter() - t0
 
     step()  # the allocator's and AdamW's state warm-up
-    return tokens / step()
+    with shares.window("learner"):
+        return tokens / step()
 
 
 def bare_copy(gb: float) -> float:
@@ -141,18 +150,22 @@ def bare_copy(gb: float) -> float:
     return gb / best
 
 
-def compare(cfg, student: str, teacher: str, rounds: list[dict], prompts: list[list[list[int]]]) -> None:
+def compare(
+    cfg, student: str, teacher: str, rounds: list[dict], prompts: list[list[list[int]]], opd_cores: ActorSampler
+) -> None:
     """Print opd's rate per stage, the bare engine's on the same work, and opd's share of it.
 
-    `rounds` are opd's timed rounds; `prompts` the token ids of its rounds' prompts, the untimed first round's first.
+    `rounds` are opd's timed rounds; `prompts` the token ids of its rounds' prompts, the untimed first round's first;
+    `opd_cores` what an `ActorSampler` measured during opd's run.
     """
     ours = opd_rates(rounds, cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt)
-    rollout, pairs = bare_rollout(cfg, student, prompts)
-    scoring, scored = bare_teacher(teacher, pairs, cfg.loss.top_k)
+    bare_cores = Shares()
+    rollout, pairs = bare_rollout(cfg, student, prompts, bare_cores)
+    scoring, scored = bare_teacher(teacher, pairs, cfg.loss.top_k, bare_cores)
     bare = {
         "rollout": rollout,
         "teacher scoring": scoring,
-        "learner": bare_learner(cfg, student, pairs, scored),
+        "learner": bare_learner(cfg, student, pairs, scored, bare_cores),
         "weight sync": bare_copy(ours["sync_gb"]),
     }
     what = {
@@ -165,3 +178,10 @@ def compare(cfg, student: str, teacher: str, rounds: list[dict], prompts: list[l
     for stage, rate in bare.items():
         unit = "GB/s" if stage == "weight sync" else "tokens/s"
         print(f"{stage:<17}{ours[stage]:>10.1f}{rate:>10.1f}{ours[stage] / rate:>10.2f}  {unit:<9} {what[stage]}")
+    print(f"{'stage':<17}{'opd cores':>10}{'bare cores':>11}{'ratio':>7}{'rest, opd':>11}{'rest, bare':>11}")
+    for stage in STAGE_TITLES:
+        (own, rest), (own_bare, rest_bare) = opd_cores.cores(stage), bare_cores.cores(stage)
+        print(f"{stage:<17}{own:>10.2f}{own_bare:>11.2f}{own / own_bare:>7.2f}{rest:>11.2f}{rest_bare:>11.2f}")
+    for stage in STAGE_TITLES:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in opd_cores.rest_cores(stage).items())
+        print(f"rest of the machine during opd's {stage} (cores)  {parts}")

@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu_share import ActorSampler  # noqa: E402
 from bench.presets import VS_TRL, check_same_rendering, split, trl_prompt  # noqa: E402
 from bench.stages import compare  # noqa: E402
 
@@ -301,7 +302,8 @@ def main(argv: list[str]) -> None:
 
     trl = run_trl(cfg, student, teacher, train, chat)
     distillation = run_trl(cfg, student, teacher, train, chat, "distillation")
-    opd = run_opd(cfg)
+    with ActorSampler() as opd_cores:
+        opd = run_opd(cfg)
     if trl["samples"] != opd["samples"]:
         raise RuntimeError(f"TRL trained on {trl['samples']} samples, opd on {opd['samples']}")
 
@@ -341,7 +343,7 @@ def main(argv: list[str]) -> None:
         per_round = cfg.rollout.prompts_per_round
         picks = prompt_order(len(train), cfg.seed, cfg.rounds * per_round)
         rounds = [[chat.ids(train[i]) for i in picks[k : k + per_round]] for k in range(0, len(picks), per_round)]
-        compare(cfg, student, teacher, opd["steady"], rounds)
+        compare(cfg, student, teacher, opd["steady"], rounds, opd_cores)
 
 
 if __name__ == "__main__":
