@@ -14,7 +14,7 @@ tokens over `pipeline/learn_s` and `weight_sync_gb_per_s`, averaged over the sam
 Beside each rate, the cores the stage's own process used on average and the cores the rest of the machine used
 meanwhile (bench/cpu_share.py): for opd, the actor running the stage against everything else (Ray's own
 processes, the idle actors); for the bare engine, the bench's process (and its children) against everything else.
-Where opd/bare is the ratio of the cores, the gap is the share of the machine opd's stage did not get.
+Where opd/bare matches the ratio of the cores, the gap is the share of the machine opd's stage did not get.
 """
 
 from __future__ import annotations
