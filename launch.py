@@ -147,15 +147,16 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
     from opd.data import DataError
     from opd.learner.guard import NonFiniteStep
     from opd.monitoring import Monitor
-    from opd.plan import PlanError
+    from opd.plan import PlanError, actor_env
     from opd.startup import start
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", **actor_env(cfg)}
     if address:  # under `ray job submit`, the job's --working-dir already carries the code to every node
-        ray.init(address=address, runtime_env={"env_vars": driver_env_vars({"TOKENIZERS_PARALLELISM": "false"})})
+        ray.init(address=address, runtime_env={"env_vars": driver_env_vars(env_vars)})
     else:
         here = os.path.dirname(os.path.abspath(__file__))
-        env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": here}}
+        env = {"env_vars": {**env_vars, "PYTHONPATH": here}}
         ray.init(num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
     state = checkpoint.load(resume) if resume else {}
     wandb = cfg.wandb

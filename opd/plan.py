@@ -122,6 +122,18 @@ def slot(group, index: int) -> dict:
     }
 
 
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+"""glibc's settings for `ray.keep_freed_memory`: serve every allocation from the heap (no mmap, whose chunks go
+back to the kernel on free) and never trim the heap. Read once, when a process starts."""
+
+
+def actor_env(cfg) -> dict[str, str]:
+    """Environment variables every actor's process starts with: `KEEP_FREED_MEMORY` when the config asks for it
+    and the plan reserves no GPU (a GPU process's large tensors live in the device's own caching allocator, and its
+    host memory, e.g. weights staged while loading, should go back to the kernel)."""
+    return dict(KEEP_FREED_MEMORY) if cfg.ray.keep_freed_memory and needs(cfg)["GPU"] == 0 else {}
+
+
 def needs(cfg) -> dict[str, float]:
     """Total CPUs and GPUs the plan reserves."""
     rs = roles(cfg)

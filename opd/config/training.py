@@ -290,3 +290,7 @@ class RayConfig:
     """Ray placement-group strategy for each role's actors: PACK fills few nodes, SPREAD spreads over many."""
     placement_timeout_s: float = 120.0
     """How long to wait for the cluster to place every role before failing with the plan."""
+    keep_freed_memory: bool = True
+    """On a run that reserves no GPU, every actor's process keeps the memory it frees for reuse (glibc malloc:
+    no mmap, no trimming) instead of handing each tensor over 32 MB back to the kernel and faulting it in again,
+    zeroed, on the next step. A CPU step then stops paying page faults; a process stays at its high-water mark."""
