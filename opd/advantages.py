@@ -12,6 +12,11 @@ a training signal. What `A_t` is:
 * `loss.baseline=group`: subtract, at each position t, the mean of `G_t` over the *other* samples of the same prompt
   that reach t (leave-one-out, as RLOO). It does not depend on the sample's own tokens, so the expected gradient is
   unchanged, while the part of the return all of a prompt's samples share cancels.
+* `loss.baseline=optimal`: subtract, at each position t, the constant that minimises the variance of the
+  gradient at the logits there, `E[r |g|^2] / E[|g|^2]` under the student's own distribution (`g` the gradient of
+  `log p_student(y_t)` with respect to the position's logits; the teacher's log-probs from its top-k, its tail taken
+  as even; `opd.losses.optimal_reverse_kl_baseline`). A function of the prefix, so unbiased for every discount. It
+  needs the student's logits, so the learner's objective subtracts it, and nothing here changes.
 * `loss.normalize_advantages`: divide every advantage of the round by their standard deviation (over the student's
   own tokens). A per-round step size, not an unbiased change: the deviation is estimated from the same samples,
   an effect that shrinks as rounds grow.
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-BASELINES = ("none", "group")
+BASELINES = ("none", "group", "optimal")
 
 
 def rewards(logprobs: np.ndarray, teacher_logprobs: np.ndarray) -> np.ndarray:
@@ -86,7 +91,7 @@ def advantages(
 
 def shapes_advantages(loss) -> bool:
     """Whether `loss` (the config's section) asks for more than the plain per-token reward."""
-    return loss.type == "reverse_kl" and (loss.discount > 0 or loss.baseline != "none" or loss.normalize_advantages)
+    return loss.type == "reverse_kl" and (loss.discount > 0 or loss.baseline == "group" or loss.normalize_advantages)
 
 
 def assign(samples: list, loss) -> dict[str, float]:

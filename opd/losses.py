@@ -22,6 +22,7 @@ __all__ = [
     "generalized_jsd_per_token",
     "masked_mean",
     "masked_sums",
+    "optimal_reverse_kl_baseline",
     "policy_gradient_loss",
     "policy_gradient_per_token",
     "reverse_kl_advantage",
@@ -213,11 +214,7 @@ def topk_kl_per_token(student_logits: Tensor, topk_ids: Tensor, teacher_topk_log
 def topk_student_logprobs(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor) -> Tensor:
     """The student's full-vocab log-probs ``[B, T, K]`` at the teacher's top-k ids; ``-inf`` where the teacher's are
     (padding, whose ids may be -1). Computed as ``gather - logsumexp``: no ``[B, T, V]`` log-softmax is kept."""
-    valid = torch.isfinite(teacher_topk_logprobs)
-    ids = torch.where(valid, topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))
-    logits = student_logits.float()
-    picked = logits.gather(-1, ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
-    return picked.masked_fill(~valid, float("-inf"))
+    return _student_on_top(student_logits, topk_ids, teacher_topk_logprobs)[3]
 
 
 def reverse_kl_sampled_tail_per_token(
@@ -244,11 +241,8 @@ def reverse_kl_sampled_tail_per_token(
     an older policy need the importance weight s_x / sampler_x (the learner's mask has it). ``-inf`` teacher
     entries are padding, as in ``topk_student_logprobs``.
     """
-    logits = student_logits.float()
-    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    logits, norm, ids, top = _student_on_top(student_logits, topk_ids, teacher_topk_logprobs)
     valid = torch.isfinite(teacher_topk_logprobs)
-    ids = torch.where(valid, topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))
-    top = (logits.gather(-1, ids) - norm).masked_fill(~valid, float("-inf"))
     head = _kl_from_logprobs(top, teacher_topk_logprobs)
     own = logits.gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1) - norm.squeeze(-1)
     in_top = ((ids == sampled_ids.long().unsqueeze(-1)) & valid).any(dim=-1)
@@ -260,6 +254,52 @@ def reverse_kl_sampled_tail_per_token(
     estimate = (head + tail).detach()
     surrogate = head + centred * own + (1.0 + baseline) * rest
     return estimate + (surrogate - surrogate.detach()), estimate  # the value exactly the estimate
+
+
+def optimal_reverse_kl_baseline(student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor) -> Tensor:
+    """The variance-minimising baseline, per position ``[B, T]`` (detached), for the sampled-token reward of
+    ``reverse_kl``, ``r_x = log t_x - log s_x`` with ``x ~ s``, at the logits: ``b = E[r_x |g_x|^2] / E[|g_x|^2]``,
+    ``g_x = onehot(x) - s`` the gradient of ``log s_x`` with respect to the position's logits, so
+    ``|g_x|^2 = 1 - 2 s_x + |s|^2`` (the optimal constant baseline of Greensmith et al. 2004, with the logits as the
+    parameters). The teacher's log-probs are exact over its top-k and taken as even over the rest of the vocabulary.
+
+    A function of the position, not of the token sampled there, so the policy gradient's expectation is unchanged
+    for any such value; this one is chosen for its variance. The plain expectation ``E[r_x]`` (minus the KL) is not:
+    rare tokens have both the largest rewards (``-log s_x``) and the largest ``|g_x|``, and on a three-token policy it
+    raised the variance 3.6-fold (tests/test_advantages.py)."""
+    with torch.no_grad():
+        logits = student_logits.float()
+        norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        valid = torch.isfinite(teacher_topk_logprobs)
+        vocab = logits.shape[-1]
+        rest = (-torch.expm1(torch.logsumexp(teacher_topk_logprobs.float(), dim=-1).clamp(max=0.0))).clamp(min=_EPS)
+        tail = torch.log(rest) - torch.log((vocab - valid.sum(-1)).clamp(min=1).float())  # [B, T]
+        ids = torch.where(valid, topk_ids.long(), torch.full_like(topk_ids, vocab, dtype=torch.long))
+        rows = []
+        for row, n, row_ids, row_tail, row_top in zip(logits, norm, ids, tail, teacher_topk_logprobs, strict=True):
+            # [positions, vocab] temporaries, a sequence at a time; padding's ids write to a spare column
+            teacher = row_tail[:, None].expand(-1, vocab + 1).clone()
+            teacher.scatter_(-1, row_ids, row_top.float())
+            own = row - n
+            p = own.exp()
+            weight = p * (1.0 - 2.0 * p + (p * p).sum(-1, keepdim=True))
+            reward = torch.where(p > 0, teacher[:, :vocab] - own, torch.zeros_like(own))
+            den = weight.sum(-1)
+            rows.append(torch.where(den > _EPS, (weight * reward).sum(-1) / den.clamp(min=_EPS), torch.zeros_like(den)))
+        return torch.stack(rows)
+
+
+def _student_on_top(
+    student_logits: Tensor, topk_ids: Tensor, teacher_topk_logprobs: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(float32 logits, their logsumexp [B, T, 1], the top-k ids with padding at 0, the student's log-probs at
+    them [B, T, K] with -inf at the teacher's padding)``."""
+    logits = student_logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    valid = torch.isfinite(teacher_topk_logprobs)
+    ids = torch.where(valid, topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))
+    top = (logits.gather(-1, ids) - norm).masked_fill(~valid, float("-inf"))
+    return logits, norm, ids, top
 
 
 def _uniform_tail_baseline(

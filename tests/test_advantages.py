@@ -86,6 +86,88 @@ def test_the_two_objectives_differ_so_the_checks_above_can_tell_them_apart():
     assert (definition(0.0) - definition(1.0)).abs().max() > 1e-2
 
 
+def optimal_baseline_gradients(discount: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the second moment over responses of the `reverse_kl` objective's gradient with
+    `loss.baseline=optimal`, exactly: the driver's returns into the learner's objective, the teacher's top-`k` ids
+    (the highest, as a teacher sends them) as the top-k signal."""
+    cfg = load_config("default", ["loss.type=reverse_kl", "loss.baseline=optimal", f"loss.discount={discount}"]).loss
+    first, second = (t.clone().requires_grad_(True) for t in policy(0))
+    mean = torch.zeros(V + V * V, dtype=torch.float64)
+    square = torch.zeros(V + V * V, dtype=torch.float64)
+    for y in SEQS:
+        lp = token_logprobs(first, second, y)
+        teacher = torch.stack([TEACHER[0], TEACHER[1][y[0]]])  # [2, V]: the teacher at each position
+        top_lp, top_ids = teacher.topk(k, dim=-1)
+        batch = {
+            "input_ids": torch.tensor([[0, *y]]),
+            "mask": torch.ones(1, 2),
+            "old_logprobs": lp.detach()[None],
+            "teacher_logprobs": torch.tensor(teacher_logprobs(y), dtype=torch.float32)[None],
+            "topk_ids": top_ids[None],
+            "topk_logprobs": top_lp[None],
+        }
+        if A.shapes_advantages(cfg):
+            rewards = A.rewards(lp.detach().numpy(), teacher_logprobs(y))
+            (adv,) = A.advantages([rewards], [0], discount, cfg.baseline, normalize=False)
+            batch["advantages"] = torch.tensor(adv, dtype=torch.float32)[None]
+        logits = torch.stack([first, second[y[0]]])[None]
+        loss, _ = OBJECTIVES.get("reverse_kl")(logits, batch, cfg, 1.0)
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(2 * loss, (first, second))]).double()
+        weight = lp.sum().exp().item()
+        mean += weight * grad
+        square += weight * grad**2
+    return mean, square
+
+
+@pytest.mark.parametrize("discount", [0.0, 1.0])
+@pytest.mark.parametrize("k", [1, V])
+def test_optimal_baseline_gradient_is_the_definition(discount, k):
+    """Unbiased whether the baseline is exact (the whole vocabulary as top-k) or not (a top-1 and a two-token tail
+    the teacher does not spread evenly)."""
+    torch.testing.assert_close(optimal_baseline_gradients(discount, k)[0], definition(discount), rtol=1e-5, atol=1e-6)
+
+
+def test_optimal_baseline_lowers_the_gradients_variance():
+    """Below no baseline and below the plain expectation `E[r] = -KL` at each position, which is worse than none
+    here: rare tokens carry both the largest rewards and the largest gradients."""
+    cfg = load_config("default", ["loss.type=reverse_kl"]).loss
+    first, second = (t.clone().requires_grad_(True) for t in policy(0))
+    square = {"none": torch.zeros(V + V * V, dtype=torch.float64), "mean": torch.zeros(V + V * V, dtype=torch.float64)}
+    for y in SEQS:
+        lp = token_logprobs(first, second, y)
+        reward = torch.tensor(A.rewards(lp.detach().numpy(), teacher_logprobs(y)))
+        with torch.no_grad():
+            s = (first.log_softmax(-1), second.log_softmax(-1)[y[0]])
+            t = (TEACHER[0], TEACHER[1][y[0]])
+            kl = torch.stack([(a.exp() * (a - b)).sum() for a, b in zip(s, t, strict=True)]).double()
+        for name, adv in (("none", reward), ("mean", reward + kl)):
+            loss = losses.policy_gradient_per_token(lp, lp.detach(), adv, cfg.is_cap)[0].sum()
+            grads = torch.autograd.grad(loss, (first, second), retain_graph=True)
+            grad = torch.cat([g.flatten() for g in grads]).double()
+            square[name] += lp.sum().exp().item() * grad**2
+    mean, optimal = optimal_baseline_gradients(0.0, V)
+    variance = {k: float((v - definition(0.0) ** 2).sum()) for k, v in square.items()}
+    variance["optimal"] = float((optimal - mean**2).sum())
+    assert variance["optimal"] < 0.9 * variance["none"] < 0.9 * variance["mean"], variance
+
+
+def test_optimal_baseline_by_its_definition():
+    """Against `E[r |g|^2] / E[|g|^2]` summed over the vocabulary by hand: with the whole vocabulary as the top-k,
+    and with a top-2 whose teacher tail is even (ids 2-5), where the tail assumption is exact too; a padded top-k
+    entry (-inf, id -1) changes nothing."""
+    student, teacher = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    teacher[..., 2:] = 0.0
+    s, t = student.log_softmax(-1), teacher.log_softmax(-1)
+    p = s.exp()
+    score = 1 - 2 * p + (p * p).sum(-1, keepdim=True)
+    want = (p * score * (t - s)).sum(-1) / (p * score).sum(-1)
+    full = torch.arange(6).expand(2, 3, 6)
+    torch.testing.assert_close(losses.optimal_reverse_kl_baseline(student, full, t), want)
+    ids = torch.tensor([0, 1, -1]).expand(2, 3, 3)
+    top = torch.cat([t[..., :2], torch.full((2, 3, 1), float("-inf"))], dim=-1)
+    torch.testing.assert_close(losses.optimal_reverse_kl_baseline(student, ids, top), want)
+
+
 def test_discounted_returns_by_hand():
     np.testing.assert_allclose(A.discounted_returns(np.array([1.0, 2.0, 4.0]), 0.5), [1 + 1 + 1, 2 + 2, 4])
     np.testing.assert_allclose(A.discounted_returns(np.array([1.0, 2.0, 4.0]), 0.0), [1, 2, 4])
@@ -151,6 +233,7 @@ def test_assign_covers_the_tokens_the_student_wrote_and_the_objective_trains_on_
         (["loss.type=jsd", "loss.normalize_advantages=true"], "loss.normalize_advantages"),
         (["loss.type=reverse_kl", "loss.baseline=mean"], "loss.baseline"),
         (["loss.type=reverse_kl", "loss.discount=1.5"], "loss.discount"),
+        (["loss.type=reverse_kl", "loss.baseline=optimal", "loss.normalize_advantages=true"], "normalize"),
         (["loss.type=reverse_kl", "loss.baseline=group", "rollout.samples_per_prompt=1"], "loss.baseline"),
     ],
 )

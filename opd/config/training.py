@@ -142,7 +142,9 @@ class LossConfig:
     """reverse_kl: each token's advantage is its reward plus the later ones' discounted by this (0: its own reward
     only; 1: the whole rest of the response, the exact sequence-level gradient). See opd/advantages.py."""
     baseline: str = "none"
-    """reverse_kl: none, or group (subtract, per position, the mean return of the prompt's other samples)."""
+    """reverse_kl: none; group (subtract, per position, the mean return of the prompt's other samples); optimal
+    (subtract, per position, the variance-minimising constant at the logits, from the student's distribution and
+    the teacher's top-k)."""
     normalize_advantages: bool = False
     """reverse_kl: divide each round's advantages by their standard deviation."""
     tail: str = "bucket"
@@ -163,6 +165,11 @@ class LossConfig:
             raise ConfigError(f"loss.beta={self.beta} must lie in [0, 1]")
         if not 0.0 <= self.discount <= 1.0:
             raise ConfigError(f"loss.discount={self.discount} must lie in [0, 1]")
+        if self.baseline == "optimal" and self.normalize_advantages:
+            raise ConfigError(
+                "loss.normalize_advantages scales the driver's advantages by their deviation before "
+                "loss.baseline=optimal is subtracted in the learner: use one of the two"
+            )
         if self.type != "reverse_kl":
             for key, default in (("discount", 0.0), ("baseline", "none"), ("normalize_advantages", False)):
                 if getattr(self, key) != default:

@@ -88,6 +88,11 @@ def reverse_kl(logits, batch, cfg, temperature):
     sums = {"reverse_kl": _sums(-adv, mask)}
     if "advantages" in batch:  # discounted, baselined or normalised on the driver (opd/advantages.py)
         adv = batch["advantages"] * own
+    if cfg.baseline == "optimal":  # needs the student's distribution: here, not on the driver
+        baseline = losses.optimal_reverse_kl_baseline(
+            losses.tempered(logits, temperature), batch["topk_ids"], batch["topk_logprobs"]
+        )
+        adv = adv - baseline * own
     if "advantage_bonus" in batch:  # judge scores mixed into the advantage
         adv = adv + batch["advantage_bonus"]
     per_token, w, clipped = losses.policy_gradient_per_token(logprobs, batch["old_logprobs"], adv, cfg.is_cap)
