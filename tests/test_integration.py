@@ -122,18 +122,23 @@ def test_two_teachers_of_different_sizes_are_combined(tiny_assets, tmp_path):
     assert summary["final"]["reverse_kl_after"] < summary["final"]["reverse_kl_before"]
 
 
-def test_sampled_token_reverse_kl_learns_with_a_group_baseline(tiny_assets, tmp_path):
-    """loss.type=reverse_kl end to end: the policy gradient on each token's own reward, less the mean of the prompt's
-    other samples at that position, normalised per round; the held-out reverse KL falls (0.584 -> 0.455 measured;
-    without the baseline 0.498)."""
+@pytest.mark.parametrize(
+    "shaping",
+    [["loss.baseline=group", "loss.normalize_advantages=true"], ["loss.baseline=optimal"]],
+    ids=["group", "optimal"],
+)
+def test_sampled_token_reverse_kl_learns(tiny_assets, tmp_path, shaping):
+    """loss.type=reverse_kl end to end: the policy gradient on each token's own reward, less a baseline: the mean of
+    the prompt's other samples at that position, normalised per round (the driver shapes it), or the student's
+    variance-minimising constant at that position (the learner subtracts it); the held-out reverse KL falls
+    (measured: group 0.584 -> 0.455, without a baseline 0.498; optimal 0.584 -> 0.443)."""
     replaced = ("loss.", "learner.lr=", "learner.mini_batches=", "learner.micro_batch_size=")
     overrides = [o for o in tiny_overrides(tiny_assets, tmp_path) if not o.startswith(replaced)]
     summary = launch(
         [
             *overrides,
             "loss.type=reverse_kl",
-            "loss.baseline=group",
-            "loss.normalize_advantages=true",
+            *shaping,
             "rollout.samples_per_prompt=8",  # groups of 8: 128 samples a round, 64 a step
             "learner.mini_batches=2",
             "learner.micro_batch_size=64",
@@ -144,7 +149,8 @@ def test_sampled_token_reverse_kl_learns_with_a_group_baseline(tiny_assets, tmp_
         ]
     )
     rounds = summary["rounds"][1:]
-    assert all(r["train/advantage_std"] == pytest.approx(1.0, rel=1e-3) for r in rounds)
-    assert all(r["train/reward_std"] > 0 for r in rounds)
+    if "loss.normalize_advantages=true" in shaping:
+        assert all(r["train/advantage_std"] == pytest.approx(1.0, rel=1e-3) for r in rounds)
+        assert all(r["train/reward_std"] > 0 for r in rounds)
     final = summary["final"]
     assert final["reverse_kl_after"] < 0.85 * final["reverse_kl_before"], final
