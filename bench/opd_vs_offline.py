@@ -11,7 +11,7 @@ held-out set is evaluated. The default budget is about what 275 of the demo's 30
 nearly reached its end wherever a method spends a round's worth of tokens per round:
 
     jsd          on-policy, the demo's objective (generalised JSD over the teacher's top-k)
-    reverse_kl   on-policy, the sampled-token policy gradient with a group baseline and normalised advantages
+    reverse_kl   on-policy, the sampled-token policy gradient less the per-position optimal baseline
     corrections  on-policy jsd, and the teacher rewrites each sample from its first unlikely token
     offline      offline KD: the teacher writes the responses, the student imitates them (mode=offline, sft)
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 BUDGET = 1_700_000
 METHODS = {
     "jsd": ["loss.type=jsd"],
-    "reverse_kl": ["loss.type=reverse_kl", "loss.baseline=group", "loss.normalize_advantages=true"],
+    "reverse_kl": ["loss.type=reverse_kl", "loss.baseline=optimal"],
     "corrections": ["loss.type=jsd", "correction.enabled=true"],
     "offline": ["mode=offline", "loss.type=sft"],
 }
