@@ -15,8 +15,9 @@ a training signal. What `A_t` is:
 * `loss.baseline=optimal`: subtract, at each position t, the constant that minimises the variance of the
   gradient at the logits there, `E[r |g|^2] / E[|g|^2]` under the student's own distribution (`g` the gradient of
   `log p_student(y_t)` with respect to the position's logits; the teacher's log-probs from its top-k, its tail taken
-  as even; `opd.losses.optimal_reverse_kl_baseline`). A function of the prefix, so unbiased for every discount. It
-  needs the student's logits, so the learner's objective subtracts it, and nothing here changes.
+  as even; `opd.losses.optimal_reverse_kl_baseline`). A function of the prefix, so unbiased for every discount
+  (the minimiser for the per-token reward, discount 0). It needs the student's logits, so the learner's objective
+  subtracts it, and nothing here changes.
 * `loss.normalize_advantages`: divide every advantage of the round by their standard deviation (over the student's
   own tokens). A per-round step size, not an unbiased change: the deviation is estimated from the same samples,
   an effect that shrinks as rounds grow.

@@ -265,8 +265,8 @@ def optimal_reverse_kl_baseline(student_logits: Tensor, topk_ids: Tensor, teache
 
     A function of the position, not of the token sampled there, so the policy gradient's expectation is unchanged
     for any such value; this one is chosen for its variance. The plain expectation ``E[r_x]`` (minus the KL) is not:
-    rare tokens have both the largest rewards (``-log s_x``) and the largest ``|g_x|``, and on a three-token policy it
-    raised the variance 3.6-fold (tests/test_advantages.py)."""
+    rare tokens have both the largest rewards (``-log s_x``) and the largest ``|g_x|``, and on a two-token policy
+    over three tokens it raised the variance 3.6-fold (tests/test_advantages.py)."""
     with torch.no_grad():
         logits = student_logits.float()
         norm = torch.logsumexp(logits, dim=-1, keepdim=True)
