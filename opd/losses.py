@@ -272,8 +272,7 @@ def optimal_reverse_kl_baseline(student_logits: Tensor, topk_ids: Tensor, teache
         norm = torch.logsumexp(logits, dim=-1, keepdim=True)
         valid = torch.isfinite(teacher_topk_logprobs)
         vocab = logits.shape[-1]
-        rest = (-torch.expm1(torch.logsumexp(teacher_topk_logprobs.float(), dim=-1).clamp(max=0.0))).clamp(min=_EPS)
-        tail = torch.log(rest) - torch.log((vocab - valid.sum(-1)).clamp(min=1).float())  # [B, T]
+        tail = _even_tail_logprob(teacher_topk_logprobs, vocab)
         ids = torch.where(valid, topk_ids.long(), torch.full_like(topk_ids, vocab, dtype=torch.long))
         rows = []
         for row, n, row_ids, row_tail, row_top in zip(logits, norm, ids, tail, teacher_topk_logprobs, strict=True):
@@ -314,13 +313,16 @@ def _uniform_tail_baseline(
         finite = torch.isfinite(student_top)
         top = torch.where(finite, student_top, torch.zeros_like(student_top))
         head = (top.exp() * top * finite).sum(-1)
-        teacher_rest = (-torch.expm1(torch.logsumexp(teacher_top.float(), dim=-1).clamp(max=0.0))).clamp(min=_EPS)
-        tail_tokens = (logits.shape[-1] - torch.isfinite(teacher_top).sum(-1)).clamp(min=1)
-        baseline = (total - head) / student_rest.clamp(min=_EPS) - (
-            torch.log(teacher_rest) - torch.log(tail_tokens.float())
-        )
+        baseline = (total - head) / student_rest.clamp(min=_EPS) - _even_tail_logprob(teacher_top, logits.shape[-1])
         # With next to no tail the mean above is rounding error over a tiny mass; any value is unbiased, 0 is exact.
         return torch.where(student_rest > _TAIL_MASS, baseline, torch.zeros_like(baseline))
+
+
+def _even_tail_logprob(teacher_top: Tensor, vocab: int) -> Tensor:
+    """``log(t_rest / (V - k))`` ``[B, T]``: the teacher's log-prob of each token off its top-k were its tail mass
+    spread evenly over them (``-inf`` top-k entries are padding and count as tail tokens)."""
+    rest = (-torch.expm1(torch.logsumexp(teacher_top.float(), dim=-1).clamp(max=0.0))).clamp(min=_EPS)
+    return torch.log(rest) - torch.log((vocab - torch.isfinite(teacher_top).sum(-1)).clamp(min=1).float())
 
 
 def sft_on_teacher(logits: Tensor, target_ids: Tensor, mask: Tensor) -> Tensor:
