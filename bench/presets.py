@@ -41,6 +41,7 @@ VS_TRL = {
             "rounds=6",
             "rollout.prompts_per_round=16",
             "rollout.samples_per_prompt=4",
+            "loss.beta=1",  # TRL's side: GKD at beta=1, the reverse KL (the demo runs beta=0.5)
             "learner.mini_batches=1",  # one optimizer step per round of 64 samples, so TRL generates 64 at once
             "learner.lr=3e-4",  # TRL's side runs AdamW at opd's lr with no schedule: so does opd here
             "learner.lr_schedule=constant",
