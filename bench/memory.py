@@ -5,7 +5,7 @@
 
 A SmolLM2-135M-shaped student (Llama: hidden 576, 9 heads, 3 KV heads, intermediate 1536, vocabulary 49,152,
 tied embeddings; `layers` decoder layers, 4 by default as the pruned student, random weights from the config)
-trains one step on one sequence (64 prompt + N response tokens, random teacher top-16) with the reverse KL over it
+trains one step on one sequence (64 prompt + N response tokens, random teacher top-16) with the demo's objective
 (`loss.type=jsd`, beta 1, the real opd.learner objective code) and a real AdamW step, float32 on the CPU. No
 DeepSpeed or Ray: a plain torch loop that computes the loss as LearnerShard.micro_batch_loss does.
 

@@ -41,7 +41,6 @@ VS_TRL = {
             "rounds=6",
             "rollout.prompts_per_round=16",
             "rollout.samples_per_prompt=4",
-            "loss.beta=1",  # TRL's side: GKD at beta=1, the reverse KL (the demo runs beta=0.5)
             "learner.mini_batches=1",  # one optimizer step per round of 64 samples, so TRL generates 64 at once
             "learner.lr=3e-4",  # TRL's side runs AdamW at opd's lr with no schedule: so does opd here
             "learner.lr_schedule=constant",
@@ -60,9 +59,7 @@ VS_TRL = {
     ),
 }
 SYNC_VS_ASYNC = {
-    # beta=1: the objective bench/README.md's tiny figures were measured with (the demo's is beta=0.5; a round costs
-    # the same at either).
-    "tiny": Preset("default", ("rounds=12", "eval.every=1000", "loss.beta=1"), 0),
+    "tiny": Preset("default", ("rounds=12", "eval.every=1000"), 0),
     "smollm2": Preset("smollm2_chat", ("rounds=4", *SMOLLM2), 0),
 }
 

@@ -75,9 +75,8 @@ def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:
         "learner.lr_schedule=constant",  # the demo's warm-up and decay span 300 rounds; these runs take a few
         "learner.warmup_steps=0",
         # On-policy reverse KL taken exactly over the teacher's top-k at each position of the student's own
-        # samples: what the tests' held-out reverse KL measures (the demo runs beta=0.5). The sampled-token
-        # gradient (loss.type=reverse_kl) is too noisy to assert a drop within 6 rounds on a random teacher; its
-        # maths is unit-tested in test_losses/test_pieces.
+        # samples: the demo's objective. The sampled-token gradient (loss.type=reverse_kl) is too noisy to
+        # assert a drop within 6 rounds on a random teacher; its maths is unit-tested in test_losses/test_pieces.
         "loss.type=jsd",
         "loss.beta=1.0",
         "eval.samples_per_prompt=8",
