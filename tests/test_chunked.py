@@ -10,7 +10,7 @@ from opd.buffer.sample import Sample
 from opd.config import ConfigError, LossConfig
 from opd.config.training import LearnerConfig
 from opd.learner import chunked, micro_batches, objective
-from opd.learner.batch import collate
+from opd.learner.batch import collate, first_scored
 
 VOCAB, K = 40, 3
 
@@ -91,6 +91,53 @@ def test_chunked_loss_has_the_full_logits_loss_gradients_and_metrics(name, setti
     assert got_metrics == pytest.approx(metrics, rel=1e-6, abs=1e-6)
     for a, b in zip(grads(model), expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "settings"), LOSSES, ids=lambda x: x if isinstance(x, str) else "-".join(x))
+@pytest.mark.parametrize("chunk_tokens", [0, 7])
+def test_loss_from_the_first_scored_position_is_the_whole_sequences(name, settings, chunk_tokens):
+    """What the shard does: the LM head and the loss start at the first position any row scores (the shortest
+    prompt's last token), and loss, metrics and gradients are those of every position's logits."""
+    rng = np.random.default_rng(3)
+    batch = collate([sample(rng, 6, 5, correction=3), sample(rng, 9, 4), sample(rng, 7, 6)], pad_id=0, top_k=K)
+    first, width = first_scored(batch), batch["input_ids"].shape[1]
+    assert first == 5
+    cfg = LossConfig(type=name, top_k=K, **({"beta": 0.3} | settings))
+    model = tiny_model()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    logits = model(**inputs).logits[:, :-1].float()
+    loss, metrics = objective.with_corrections(
+        *objective.OBJECTIVES.get(name)(logits, batch, cfg, 1.0), logits, batch, 2.0
+    )
+    loss.backward()
+    expected = grads(model)
+
+    scored = chunked.chunk_batch(batch, first, width - 1)
+    if chunk_tokens:
+        hidden = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1][:, first:-1]
+        got_loss, got_metrics = chunked.loss(hidden, model.get_output_embeddings(), scored, cfg, 1.0, 2.0, chunk_tokens)
+    else:
+        part = model(**inputs, logits_to_keep=width - first).logits[:, :-1].float()
+        assert part.shape[1] == width - 1 - first
+        got = objective.OBJECTIVES.get(name)(part, scored, cfg, 1.0)
+        got_loss, got_metrics = objective.with_corrections(*got, part, scored, 2.0)
+    got_loss.backward()
+    assert float(got_loss.detach()) == pytest.approx(float(loss.detach()), rel=1e-6, abs=1e-6)
+    assert got_metrics == pytest.approx(metrics, rel=1e-6, abs=1e-6)
+    for a, b in zip(grads(model), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_first_scored_position_counts_corrections_and_ignores_weightless_rows():
+    rng = np.random.default_rng(4)
+    assert first_scored(collate([sample(rng, 4, 3), sample(rng, 6, 2)], pad_id=0, top_k=K)) == 3
+    # a row of weight 0 (a sample the judge gave nothing) scores nothing
+    assert first_scored(collate([sample(rng, 4, 3, weight=0.0), sample(rng, 6, 2)], pad_id=0, top_k=K)) == 5
+    assert first_scored(collate([sample(rng, 4, 3, weight=0.0)], pad_id=0, top_k=K)) == 0
+    # a correction's tokens are scored (cross-entropy) even where the student's own tokens weigh nothing
+    fixed = sample(rng, 4, 3, correction=1, weight=0.0)
+    assert first_scored(collate([fixed, sample(rng, 6, 2)], pad_id=0, top_k=K)) == 4
 
 
 def test_chunks_never_hold_the_whole_micro_batchs_logits():

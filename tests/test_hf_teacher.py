@@ -50,8 +50,23 @@ def test_batched_scoring_matches_one_sequence_at_a_time(tiny_assets, arch):
         np.testing.assert_allclose(got.topk_logprobs, top.values, atol=1e-5)
         assert (got.topk_ids == top.indices.numpy()).all()
     one_by_one = hf.score(model, prompts, responses, k, temperature, budget=1)
-    for a, b in zip(batched, one_by_one, strict=True):
+    # A model whose forward takes no `logits_to_keep` is scored from every position's logits, to the same values.
+    every_position = hf.score(WholeLogits(model), prompts, responses, k, temperature)
+    for a, b, c in zip(batched, one_by_one, every_position, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.logprobs, c.logprobs, atol=1e-5)
+        assert (a.topk_ids == c.topk_ids).all()
+
+
+class WholeLogits(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep` (older or remote-code models)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.device = model, model.config, model.device
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def test_batched_generation_matches_one_prompt_at_a_time(tiny_assets):

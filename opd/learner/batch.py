@@ -62,3 +62,13 @@ def collate(samples: list[Sample], pad_id: int, top_k: int) -> dict[str, torch.T
     if has_teacher:
         batch |= {"teacher_logprobs": teacher_lp, "topk_ids": topk_ids, "topk_logprobs": topk_lp}
     return batch
+
+
+def first_scored(batch: dict[str, torch.Tensor]) -> int:
+    """The first position of a collated batch that any row's loss covers (`mask` or `sft_mask` non-zero), 0 if
+    none: the positions before it predict only prompt tokens, in every row."""
+    covered = batch["mask"] != 0
+    if "sft_mask" in batch:
+        covered |= batch["sft_mask"] != 0
+    columns = covered.any(0).nonzero()
+    return int(columns[0]) if len(columns) else 0

@@ -13,7 +13,7 @@ from vllm.distributed.weight_transfer import WeightSource
 
 from opd.buffer.sample import Sample
 from opd.learner import chunked, guard, lora, micro_batches, objective
-from opd.learner.batch import collate
+from opd.learner.batch import collate, first_scored
 from opd.learner.lr_schedule import lr_factor
 from opd.learner.weights import ZeroWeightSource
 from opd.plan import Placed
@@ -161,18 +161,22 @@ class LearnerShard(Placed):
     def micro_batch_loss(self, batch: dict[str, torch.Tensor], loss_fn) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """(loss, metrics, logits for the guard's check) of one micro-batch, from full logits or chunk by chunk."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        # The loss starts at the first position any row scores: before it, every row predicts prompt tokens, and
+        # no LM head, log-softmax or loss is spent there.
+        first, width = first_scored(batch), batch["input_ids"].shape[1]
+        scored = chunked.chunk_batch(batch, first, width - 1)
         if not self.cfg.loss_chunk_tokens:
             # One float32 copy of the logits for the objective and the corrections: under bf16 each `.float()` would
             # be another [batch, positions, vocab] tensor held until the backward pass.
-            logits = self.engine(**inputs).logits[:, :-1].float()
-            loss, metrics = loss_fn(logits, batch, self.loss_cfg, self.temperature)
-            return *objective.with_corrections(loss, metrics, logits, batch, self.sft_weight), logits
+            logits = self.engine(**inputs, logits_to_keep=width - first).logits[:, :-1].float()
+            loss, metrics = loss_fn(logits, scored, self.loss_cfg, self.temperature)
+            return *objective.with_corrections(loss, metrics, logits, scored, self.sft_weight), logits
         # The LM head runs per chunk of positions (opd/learner/chunked.py); the last position's logits, which every
         # weight produced, are all the guard checks.
         out = self.engine(**inputs, logits_to_keep=1, output_hidden_states=True)
-        hidden, head = out.hidden_states[-1][:, :-1], self.engine.module.get_output_embeddings()
+        hidden, head = out.hidden_states[-1][:, first:-1], self.engine.module.get_output_embeddings()
         args = (self.loss_cfg, self.temperature, self.sft_weight, self.cfg.loss_chunk_tokens)
-        return *chunked.loss(hidden, head, batch, *args), out.logits
+        return *chunked.loss(hidden, head, scored, *args), out.logits
 
     def init_weight_transfer(self, address: str, port: int, world_size: int, rollout_handles: list, backend: str):
         """Join the learner->rollout transfer group (rank 0 sends; other ranks only help gather), leaving the

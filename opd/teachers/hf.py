@@ -7,6 +7,7 @@ whose per-token Python objects dominate when the model itself is cheap.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 
 import numpy as np
@@ -70,18 +71,22 @@ def score(
     out: list[Scored | None] = [None] * len(seqs)
     vocab = model.config.get_text_config().vocab_size
     multiple = CPU_PAD_TO if model.device.type == "cpu" else PAD_TO
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     for batch in batches([len(s) for s in seqs], vocab, budget, multiple):
         ids, mask = padded([seqs[i] for i in batch], width(max(len(seqs[i]) for i in batch), multiple), 0)
+        # Position j predicts token j+1. Positions before `first` predict only prompt tokens in every row: no LM
+        # head, log-softmax or top-k there (a prompt's share of the [rows, positions, vocab] work).
+        first = max(0, min(len(prompts[i]) for i in batch) - 1) if keep else 0
+        inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
         with torch.no_grad():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-            # Position j predicts token j+1: one log-softmax, gather and top-k over the whole batch.
+            logits = model(**inputs, **({"logits_to_keep": ids.shape[1] - first} if keep else {})).logits
             logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
             del logits
-            own = logprobs.gather(-1, ids[:, 1:, None].to(logprobs.device))[..., 0].cpu().numpy()
+            own = logprobs.gather(-1, ids[:, first + 1 :, None].to(logprobs.device))[..., 0].cpu().numpy()
             top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
             top_ids, top_values = top.indices.cpu().numpy(), top.values.cpu().numpy()
         for row, i in enumerate(batch):
-            span = slice(len(prompts[i]) - 1, len(seqs[i]) - 1)
+            span = slice(len(prompts[i]) - 1 - first, len(seqs[i]) - 1 - first)
             out[i] = Scored(own[row, span].astype(np.float32), top_ids[row, span], top_values[row, span])
     return out  # type: ignore[return-value]
 
