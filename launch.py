@@ -231,19 +231,23 @@ def sweep(config_name: str, overrides: list[str], dry_run: bool = False) -> dict
 
 
 def report(final: dict) -> None:
-    """The few numbers a person looks for first."""
+    """The few numbers a person looks for first: every eval set's, each named when there are several."""
 
     def fmt(x) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
-    print(
-        f"\nteacher accuracy {fmt(final['teacher_accuracy'])}\n"
-        f"student accuracy {fmt(final['student_accuracy_before'])} -> {fmt(final['student_accuracy_after'])}\n"
-        f"reverse KL (student||teacher, nats/token) {fmt(final['reverse_kl_before'])} -> "
-        f"{fmt(final['reverse_kl_after'])}\n"
-        f"student checkpoint: {final['student_path']}",
-        flush=True,
-    )
+    sets = final["eval_sets"]
+    lines = []
+    for name, figures in sets.items():
+        of = f" on {name}" if len(sets) > 1 else ""
+        lines += [
+            f"teacher accuracy{of} {fmt(figures['teacher_accuracy'])}",
+            f"student accuracy{of} {fmt(figures['student_accuracy_before'])} -> "
+            f"{fmt(figures['student_accuracy_after'])}",
+            f"reverse KL (student||teacher, nats/token){of} {fmt(figures['reverse_kl_before'])} -> "
+            f"{fmt(figures['reverse_kl_after'])}",
+        ]
+    print("\n" + "\n".join(lines) + f"\nstudent checkpoint: {final['student_path']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,22 @@ def test_driver_env_leaves_out_what_a_submitted_job_already_sets(monkeypatch):
     assert driver_env_vars(defaults) == {"OTHER": "1"}
 
 
+def test_the_report_names_each_eval_set_when_there_are_several(capsys):
+    from launch import report
+
+    figures = {"teacher_accuracy": 1.0, "student_accuracy_before": 0.5, "student_accuracy_after": None}
+    held_out = figures | {"reverse_kl_before": 0.8, "reverse_kl_after": 0.01}
+    train = figures | {"student_accuracy_after": 0.994, "reverse_kl_before": 0.7, "reverse_kl_after": 0.007}
+    report({"eval_sets": {"held_out": held_out, "train": train}, "student_path": "/ckpt"})
+    out = capsys.readouterr().out
+    assert "student accuracy on held_out 0.500 -> n/a\n" in out
+    assert "student accuracy on train 0.500 -> 0.994\n" in out
+    assert "reverse KL (student||teacher, nats/token) on train 0.700 -> 0.007\n" in out
+    assert out.endswith("student checkpoint: /ckpt\n")
+    report({"eval_sets": {"": held_out}, "student_path": "/ckpt"})  # one set: the lines README shows, unnamed
+    assert "\nteacher accuracy 1.000\nstudent accuracy 0.500 -> n/a\n" in capsys.readouterr().out
+
+
 def test_cpu_engines_get_the_configured_thread_binding_and_process(monkeypatch):
     """vLLM's `auto` binding would pin every engine on a node to the same cores, and its engine-core process
     would busy-poll beside the actor; opd passes its own settings."""
