@@ -230,6 +230,7 @@ def test_cpu_engines_get_the_configured_thread_binding_and_process(monkeypatch):
         engine.make_llm("some/model", EngineConfig(cpu_threads_bind=bind, cpu_in_process=in_process), seed=3)
         assert made["bind"] == bind and made["model"] == "some/model" and made["seed"] == 3
         assert made["mp"] == ("0" if in_process else "1")
+        assert made["enable_chunked_prefill"] is False  # a split seeded prompt crashes vLLM's CPU sampler
     assert EngineConfig().cpu_threads_bind == "nobind" and EngineConfig().cpu_in_process
 
 

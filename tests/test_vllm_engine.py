@@ -38,6 +38,8 @@ if __name__ == "__main__":
     twice = [prompts[0], prompts[0]]  # one prompt sent twice in a seeded call, then the call again, then seed 6
     draw = lambda s: [i.tolist() for pairs in engine.sample(llm, twice, 2, 8, 1.0, s, []) for i, _ in pairs]
     seeded = [draw(s) for s in (5, 5, 6)]
+    # More prompt tokens than one engine step takes (4,096), seeded: a prompt split across steps crashed on CPU.
+    many = engine.sample(llm, [rng.integers(3, vocab, size=60).tolist() for _ in range(100)], 2, 2, 1.0, 7, [])
     rows = [p for p in prompts for _ in range(3)]
     ids = [i.tolist() for pairs in sampled for i, _ in pairs]
     rescored = hf.score(model, rows, ids, 1, 0.8)
@@ -47,6 +49,7 @@ if __name__ == "__main__":
         "topk_ids_equal": all(bool((g.topk_ids == w.topk_ids).all()) for g, w in zip(got, want)),
         "shapes": [list(g.topk_ids.shape) for g in got],
         "samples_per_prompt": [len(pairs) for pairs in sampled],
+        "long_seeded_batch": [len(pairs) for pairs in many] == [2] * 100,
         "lengths_ok": all(1 <= len(i) <= 8 and len(lp) == len(i) for pairs in sampled for i, lp in pairs),
         "stops_at_any_stop_id": cut == [r[: r.index(stop) + 1] if stop in r else r for r in greedy] != greedy,
         "greedy_as_in_transformers": cut == hf_cut,
@@ -76,7 +79,7 @@ def test_vllm_score_and_sample_agree_with_a_transformers_forward_pass(tiny_asset
     result = json.loads(line.removeprefix("RESULT "))
     assert result["shapes"] == [[7, 5], [1, 5], [12, 5]]
     assert result["logprob_gap"] < 1e-4 and result["topk_value_gap"] < 1e-4 and result["topk_ids_equal"]
-    assert result["samples_per_prompt"] == [3, 3, 3] and result["lengths_ok"]
+    assert result["samples_per_prompt"] == [3, 3, 3] and result["lengths_ok"] and result["long_seeded_batch"]
     assert result["sample_logprob_gap"] < 1e-4
     # Every prompt of a seeded call draws its own random numbers; the same seed gives the same samples again.
     assert result["same_prompt_same_call_differs"] and result["seeded_call_reproduces"]

@@ -95,6 +95,10 @@ def make_llm(model: str, engine, seed: int, **extra):
     if engine.kv_cache_memory_bytes is not None:
         extra.setdefault("kv_cache_memory_bytes", engine.kv_cache_memory_bytes)
     if not torch.cuda.is_available():
+        # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a step ends partway through a
+        # seeded request's prompt and discards its sampled token: every opd sampling call is seeded, and 256
+        # chat prompts of 60 tokens overflow a step's 4,096 tokens. Whole prompts only, then.
+        extra.setdefault("enable_chunked_prefill", False)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine.cpu_in_process else "1"
