@@ -157,7 +157,9 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
     else:
         here = os.path.dirname(os.path.abspath(__file__))
         env = {"env_vars": {**env_vars, "PYTHONPATH": here}}
-        ray.init(num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
+        # "local": a Ray of its own even where `ray start` left a cluster on this machine, which ray.init() would
+        # otherwise join (and then refuse num_cpus for).
+        ray.init(address="local", num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
     state = checkpoint.load(resume) if resume else {}
     wandb = cfg.wandb
     monitor = Monitor(

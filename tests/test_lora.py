@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from opd.config import ConfigError, load_config
 from opd.config.training import LoraConfig
 from opd.learner import lora
+from opd.learner.weights import MergedSource
 from tests.stack import ROOT, launch, tiny_overrides
 
 
@@ -39,7 +40,7 @@ def tiny_lora_model(targets: list[str]) -> torch.nn.Module:
 def test_merged_tensors_equal_peft_merge_and_unload(targets):
     model = tiny_lora_model(targets)
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
-    source = lora.MergedSource(model)
+    source = MergedSource(model)
     sent = dict(source)
     assert [m.name for m in source.metadata()] == list(sent)
     assert set(sent) <= set(expected)
@@ -53,7 +54,7 @@ def test_merged_tensors_equal_peft_merge_and_unload(targets):
 
 def test_saved_student_is_the_merged_base_model(tmp_path):
     model = tiny_lora_model(LoraConfig().target_modules)
-    source = lora.MergedSource(model)
+    source = MergedSource(model)
     gathered = {id(source.params[n]): t.clone() for n, t in source}
     base, state = lora.base_state(model)
     state = {k: gathered.get(id(v), v.detach()) for k, v in state.items()}
@@ -146,11 +147,12 @@ def reachable_teacher(student: Path, out: Path) -> Path:
 
 
 @pytest.mark.integration
-def test_lora_run_trains_syncs_merged_weights_and_saves_a_merged_student(tiny_assets, tmp_path):
+def test_lora_run_trains_syncs_merged_weights_and_saves_a_merged_student(tiny_assets, tmp_path, shared_ray):
     teacher = reachable_teacher(tiny_assets["student"], tmp_path / "teacher")
     overrides = [*tiny_overrides(tiny_assets, tmp_path), "rollout.num_workers=1", "learner.num_shards=2"]
     summary = launch(
-        [*overrides, f"teachers.0.model={teacher}", "learner.zero_stage=3", "learner.lora.rank=8", "rounds=3"]
+        [*overrides, f"teachers.0.model={teacher}", "learner.zero_stage=3", "learner.lora.rank=8", "rounds=3"],
+        ray_address=shared_ray,
     )
     trained = [r for r in summary["rounds"] if "learner/loss" in r]
     gaps = [r.get("learner/sampler_learner_logprob_gap", 1.0) for r in trained]

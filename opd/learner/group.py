@@ -8,7 +8,6 @@ import ray
 
 from opd import plan
 from opd.buffer.sample import Sample, Samples
-from opd.learner.shard import LearnerShard
 from opd.partition import chunks
 
 
@@ -90,6 +89,9 @@ class LearnerGroup:
     ) -> None:
         """`total_steps`: the run's optimizer steps, which the lr schedule spans; `colocate`: each shard shares its
         GPU with a sleeping rollout engine (see `LearnerShard`)."""
+        from opd.learner.shard import LearnerShard  # here, not at the top: it imports torch, DeepSpeed's and vLLM's
+        # weight-transfer code, which only the shards need (seconds of every driver's start-up)
+
         actor = ray.remote(num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard)(LearnerShard)
         n = cfg.num_shards
         self.shards = [

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from opd.learner.weights import ZeroWeightSource
-
 ADAPTER = "default"
 """PEFT's name for the one adapter the learner trains."""
 PEFT_PREFIX = "base_model.model."
@@ -35,37 +33,6 @@ def is_adapter(name: str) -> bool:
 def base_name(name: str) -> str:
     """The base model's name for a parameter of the PEFT-wrapped model (`base_layer` is the adapted original)."""
     return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
-
-
-class MergedSource(ZeroWeightSource):
-    """The merged student as vLLM's transfer engines want it, one decoder layer at a time.
-
-    Under ZeRO-3 every rank gathers a layer's base weights and adapters together (a collective) and computes
-    that layer's merged weights; memory stays bounded by a layer. Unadapted weights pass through as they are.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        from peft.tuners.lora import LoraLayer
-
-        self.params = {base_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}
-        """Base name -> the base parameter (for an adapted layer, its frozen original)."""
-        self.layers = {
-            base_name(f"{n}.base_layer.weight"): m for n, m in model.named_modules() if isinstance(m, LoraLayer)
-        }
-        """Base name of each adapted weight -> its LoRA layer."""
-
-    def also_gathered(self, names: list[str]) -> list[torch.Tensor]:
-        """The adapters of the adapted layers among `names`, gathered with their base weights."""
-        adapted = [self.layers[n] for n in names if n in self.layers]
-        return [w for layer in adapted for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
-
-    def tensor(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """W + scale * B @ A for an adapted weight (PEFT's own delta: fan-in/fan-out aware), else W itself."""
-        layer = self.layers.get(name)
-        with torch.no_grad():
-            if layer is None:
-                return param.data
-            return param.data + layer.get_delta_weight(ADAPTER).to(param.dtype)
 
 
 def base_state(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

@@ -7,16 +7,18 @@ import os
 import socket
 import time
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-from vllm.distributed.weight_transfer import WeightSource
 
 from opd.buffer.sample import Sample
 from opd.learner import chunked, guard, lora, micro_batches, objective
 from opd.learner.batch import collate, first_scored
 from opd.learner.lr_schedule import lr_factor
-from opd.learner.weights import ZeroWeightSource
 from opd.plan import Placed
+
+if TYPE_CHECKING:
+    from vllm.distributed.weight_transfer import WeightSource
 
 
 def free_port() -> int:
@@ -199,8 +201,10 @@ class LearnerShard(Placed):
     def weight_source(self) -> WeightSource:
         """The student's weights under the base model's names: with LoRA, merged (every weight is sent, the
         adapted ones as W + scale * B @ A)."""
+        from opd.learner.weights import MergedSource, ZeroWeightSource  # vLLM's code: the driver never imports it
+
         module = self.engine.module
-        return lora.MergedSource(module) if self.lora else ZeroWeightSource(module)
+        return MergedSource(module) if self.lora else ZeroWeightSource(module)
 
     def send_weights(self) -> dict[str, float]:
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from vllm.distributed.weight_transfer import ParamMeta, WeightSource
 
+from opd.learner.lora import ADAPTER, base_name, is_adapter
+
 
 class ZeroWeightSource(WeightSource):
     """The student's parameters, gathered one decoder layer at a time.
@@ -42,3 +44,34 @@ class ZeroWeightSource(WeightSource):
     def tensor(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """What is sent for `name`: the parameter itself."""
         return param.data
+
+
+class MergedSource(ZeroWeightSource):
+    """The merged student as vLLM's transfer engines want it, one decoder layer at a time.
+
+    Under ZeRO-3 every rank gathers a layer's base weights and adapters together (a collective) and computes
+    that layer's merged weights; memory stays bounded by a layer. Unadapted weights pass through as they are.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.params = {base_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}
+        """Base name -> the base parameter (for an adapted layer, its frozen original)."""
+        self.layers = {
+            base_name(f"{n}.base_layer.weight"): m for n, m in model.named_modules() if isinstance(m, LoraLayer)
+        }
+        """Base name of each adapted weight -> its LoRA layer."""
+
+    def also_gathered(self, names: list[str]) -> list[torch.Tensor]:
+        """The adapters of the adapted layers among `names`, gathered with their base weights."""
+        adapted = [self.layers[n] for n in names if n in self.layers]
+        return [w for layer in adapted for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+
+    def tensor(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """W + scale * B @ A for an adapted weight (PEFT's own delta: fan-in/fan-out aware), else W itself."""
+        layer = self.layers.get(name)
+        with torch.no_grad():
+            if layer is None:
+                return param.data
+            return param.data + layer.get_delta_weight(ADAPTER).to(param.dtype)
