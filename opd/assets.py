@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from opd import pretrained
+from opd import pretrained, qwen
 from opd.catalog import ADDITION, BUILTINS
 from opd.tasks import addition
 from opd.tiny import TinySpec
@@ -311,5 +311,5 @@ def _fmt(result: dict[str, float]) -> str:
     return f"greedy accuracy {result['accuracy']:.1%} (well-formed {result['well_formed']:.1%})"
 
 
-BUILDERS: dict[str, Callable[[Path], dict]] = {ADDITION: build, pretrained.SMOLLM2: pretrained.build}
+BUILDERS: dict[str, Callable[[Path], dict]] = {ADDITION: build, pretrained.SMOLLM2: pretrained.build, **qwen.BUILDERS}
 """How each set of opd.catalog is built into a directory (its meta.json written last)."""

