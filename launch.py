@@ -78,10 +78,10 @@ def main(argv: list[str]) -> dict:
 def run(cfg) -> dict:
     """One distillation run on a validated config; returns its summary."""
     from opd import checkpoint
-    from opd.config import to_yaml
     from opd.data import DataError, load_prompts
     from opd.learner.group import LearnerDied
     from opd.provenance import StudentCard
+    from opd.secrets import safe_yaml
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if cfg.resume not in (None, "auto"):
@@ -93,7 +93,7 @@ def run(cfg) -> dict:
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
+        f.write(safe_yaml(cfg))  # credentials replaced, as in every file a run writes
     student = resolve(cfg.student.model, cfg.cache_dir)
     # A served teacher's model is the name its server serves; what runs here reads its local tokenizer.
     teachers = {t.name: resolve(t.tokenizer_path, cfg.cache_dir) for t in cfg.teachers}
@@ -185,10 +185,10 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
 
 def show(cfg) -> None:
     """What `--dry-run` prints: the config as the run would see it and the resources it would ask Ray for."""
-    from opd.config import to_yaml
     from opd.plan import describe
+    from opd.secrets import safe_yaml
 
-    print(to_yaml(cfg) + describe(cfg), flush=True)
+    print(safe_yaml(cfg) + describe(cfg), flush=True)
 
 
 def sweep(config_name: str, overrides: list[str], dry_run: bool = False) -> dict:

@@ -8,60 +8,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
+
+from opd.secrets import redact
 
 SUMMARY_FILE = "summary.json"
 """In `output_dir`: the final figures and every round's metrics (what launch.py points to when it ends)."""
 SUMMARY_LINE = "summary: "
 """How launch.py's last stdout line starts: the path of the run's summary file follows."""
-REDACTED = "***"
-_NAME_PARTS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-_SECRET_ENDINGS = ("key", "keys", "token", "secret", "secrets", "password", "passwd", "credential", "credentials")
-_SECRET_PARTS = {"auth", "authorization", "pat", "pwd", "bearer"}
-_SECRET_VALUE = re.compile(
-    r"\bsk-[\w-]{16,}|\bhf_[A-Za-z0-9]{20,}|\bgh[pousr]_[A-Za-z0-9]{20,}|\bgithub_pat_\w{20,}|\bxox[abprs]-[\w-]{10,}"
-    r"|\bAKIA[0-9A-Z]{16}\b|\bAIza[\w-]{35}|\bglpat-[\w-]{20,}|\bBearer\s+\S{8,}|://[^/\s:@]+:[^/\s@]+@"
-)
-"""Values that are credentials whatever their key: API keys of common providers, bearer tokens, user:pass@ URLs."""
-_ENV_ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=")
-
-
-_COLUMN_NAMES = {"prompt_key", "answer_key", "api_key_env"}
-"""Config keys that name something (a data column, the environment variable holding a served teacher's key), not
-a credential."""
-
-
-def _secret_name(name: str) -> bool:
-    """`api_key`, `WANDB_API_KEY`, `hfToken`, `client-secret`, `db_password`: yes. `max_new_tokens`, `top_k`: no."""
-    if name in _COLUMN_NAMES:
-        return False
-    parts = [p.lower() for p in _NAME_PARTS.findall(name)]
-    return any(p.endswith(_SECRET_ENDINGS) or p in _SECRET_PARTS for p in parts)
-
-
-def _redact_value(value):
-    if isinstance(value, dict):
-        return redact(value)
-    if isinstance(value, list | tuple):
-        return [_redact_value(v) for v in value]
-    if isinstance(value, str):
-        if _SECRET_VALUE.search(value):
-            return REDACTED
-        env = _ENV_ASSIGNMENT.match(value)  # "HF_TOKEN=..." in a list of environment settings
-        if env and _secret_name(env.group(1)):
-            return f"{env.group(1)}={REDACTED}"
-    return value
-
-
-def redact(config: dict) -> dict:
-    """A copy of `config` safe to log: credentials become `***`, at any depth (dicts, lists of dicts).
-
-    A value is dropped when its key names a credential (whole value, even a dict or list) or when it looks
-    like one itself (a provider API key, a bearer token, a URL with a password), whatever its key.
-    """
-    return {k: REDACTED if _secret_name(str(k)) else _redact_value(v) for k, v in config.items()}
 
 
 def _finite(metrics: dict) -> dict:

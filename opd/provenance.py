@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from opd.catalog import from_scratch
-from opd.config import OPDConfig, to_dict
+from opd.config import OPDConfig
 from opd.learner.loss_types import LOSS_TYPES
 from opd.licenses import lookup, normalise_id
+from opd.secrets import safe_config, without_userinfo
 
 FORMAT_VERSION = 1
 MISSING = "missing"
@@ -98,6 +99,7 @@ def build_provenance(
                 "name": t.name,
                 "model": t.model,
                 "path": teacher_paths.get(t.name, t.model),
+                **({"endpoint": without_userinfo(t.url)} if t.backend == "openai" else {}),
                 "backend": t.backend,
                 "weight": t.weight,
                 "license": {
@@ -123,7 +125,7 @@ def build_provenance(
         "data": data,
         "dates": {"started": started, "finished": finished},
         "notices": notices,
-        "config": to_dict(cfg),
+        "config": safe_config(cfg),
     }
 
 

@@ -9,8 +9,8 @@ import torch
 from opd.buffer.sample import Sample
 from opd.learner import objective
 from opd.learner.batch import collate
-from opd.monitoring import redact
 from opd.partition import chunks
+from opd.secrets import redact
 
 
 def sample(prompt, response, version=0, teacher=True, k=2):

@@ -25,6 +25,7 @@ from opd.buffer.sample import Sample
 from opd.config import ConfigError, DataConfig
 from opd.data import Encoded, Prompt
 from opd.partition import chunks
+from opd.secrets import split_userinfo
 from opd.teachers.served import Endpoint
 from opd.teachers.worker import TeacherWorker
 
@@ -37,7 +38,8 @@ RETRY_BACKOFF_S = 1.0
 
 def served_endpoint(t, timeout_s: float) -> Endpoint:
     """A served teacher's endpoint, its API key read here on the driver from the variable `api_key_env` names
-    (the key then travels only inside the endpoint, which never prints it)."""
+    and basic-auth credentials taken out of its URL (both then travel only inside the endpoint, which never
+    prints them)."""
     key = None
     if t.api_key_env:
         key = os.environ.get(t.api_key_env)
@@ -45,7 +47,13 @@ def served_endpoint(t, timeout_s: float) -> Endpoint:
             raise ConfigError(
                 f"teacher {t.name!r}: api_key_env={t.api_key_env}, but ${t.api_key_env} is not set on the driver"
             )
-    return Endpoint(t.url, t.model, key, t.max_concurrency, timeout_s)
+    url, userinfo = split_userinfo(t.url)
+    if key and userinfo:
+        raise ConfigError(
+            f"teacher {t.name!r}: url carries credentials and api_key_env names a key; use one (both would need "
+            "the one Authorization header)"
+        )
+    return Endpoint(url, t.model, key, t.max_concurrency, timeout_s, basic_auth=userinfo)
 
 
 class TeacherFailed(RuntimeError):

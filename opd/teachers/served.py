@@ -10,9 +10,11 @@ builds is the one the in-process vLLM backend builds from the same numbers. Only
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +48,19 @@ class Endpoint:
     api_key: str | None = field(default=None, repr=False)
     max_concurrency: int = 4
     timeout_s: float = 600.0
+    basic_auth: str | None = field(default=None, repr=False)
+    """`user:password` (percent-encoded, as a URL carries it) for HTTP basic auth, e.g. a proxy in front of the
+    server; taken out of the configured URL (`opd.secrets.split_userinfo`), so `url` never holds it."""
+
+    def authorization(self) -> str | None:
+        """The Authorization header's value: the bearer key, else basic auth, else none."""
+        if self.api_key:
+            return f"Bearer {self.api_key}"
+        if self.basic_auth:
+            user, _, password = self.basic_auth.partition(":")
+            pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+            return "Basic " + base64.b64encode(pair.encode()).decode()
+        return None
 
 
 def post(endpoint: Endpoint, path: str, body: dict | None = None) -> dict:
@@ -53,8 +68,8 @@ def post(endpoint: Endpoint, path: str, body: dict | None = None) -> dict:
     answer is a request the server will never take, so it fails at once with the server's message."""
     url = endpoint.url.rstrip("/") + path
     headers = {"Content-Type": "application/json"}
-    if endpoint.api_key:
-        headers["Authorization"] = f"Bearer {endpoint.api_key}"
+    if auth := endpoint.authorization():
+        headers["Authorization"] = auth
     data = None if body is None else json.dumps(body).encode()
     error = ""
     for attempt in range(ATTEMPTS):

@@ -18,7 +18,7 @@ import pytest
 
 from opd.config import ConfigError, load_config, to_dict
 from opd.data import MAX_NAMED_SKIPS, DataError, Prompt, SkippedLine, load_prompts
-from opd.monitoring import REDACTED, redact
+from opd.secrets import REDACTED, redact
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = b'{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2="}\n'
@@ -279,7 +279,8 @@ def test_redact_nested_config_lists_of_dicts_and_env_like_fields():
     assert out["teachers"][1]["api_key"] == REDACTED and out["teachers"][1]["headers"]["Authorization"] == REDACTED
     assert out["env"] == {"HF_TOKEN": REDACTED, "OPENAI_API_KEY": REDACTED, "SERVICE_CREDS": REDACTED, "PATH": PATH}
     assert out["runtime_env"]["env_vars"] == [f"WANDB_API_KEY={REDACTED}", "TOKENIZERS_PARALLELISM=false"]
-    assert out["ray"]["address"] == REDACTED and out["secrets"] == REDACTED
+    assert out["ray"]["address"] == f"ray://{REDACTED}@head:10001"  # where stays, the credentials go
+    assert out["secrets"] == REDACTED
     # Settings that merely contain "token" or "k" in their name stay readable in W&B.
     assert out["rollout"] == {"max_new_tokens": 48} and out["judge"] == {"max_tokens": 8}
     assert out["loss"] == {"top_k": 16} and out["student"] == {"model": "hf_internal/student"}
