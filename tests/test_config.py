@@ -50,6 +50,10 @@ def test_overrides_reach_nested_and_list_fields(tiny_assets):
         ("buffer.num_shards=0", "buffer.num_shards"),
         ("buffer.train_per_round=100000", "buffer.train_per_round"),
         ("buffer.train_per_round=3", "buffer.train_per_round"),
+        ("rollout.temperature=0", "rollout.temperature=0 samples greedily"),
+        ("rollout.gpus_per_worker=-2", "rollout.gpus_per_worker=-2 must be >= 0"),
+        ("teachers.0.cpus_per_replica=-1", "teachers.0.cpus_per_replica=-1 must be >= 0"),
+        ("rounds=4", "learner.warmup_steps=20 is more than the run's 16 optimizer steps"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override, names):
@@ -159,9 +163,9 @@ def test_a_conf_file_can_build_on_another(tmp_path):
     from opd.config import load_config
 
     child = tmp_path / "child.yaml"
-    child.write_text("base: default\nrounds: 3\n")
+    child.write_text("base: default\nrounds: 6\n")
     cfg = load_config(str(child))
-    assert cfg.rounds == 3 and cfg.loss.type == "jsd"  # the rest comes from conf/default.yaml
+    assert cfg.rounds == 6 and cfg.loss.type == "jsd"  # the rest comes from conf/default.yaml
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(ConfigError, match="cycle"):

@@ -10,6 +10,8 @@ combine rules, buffer orders, built-ins) are read from the light modules that ow
     training.py  rollout, learner, loss, buffer, eval, pipeline, checkpoint, faults, wandb, ray
     schema.py    OPDConfig and the rules across sections
     load.py      load_config (schema <- YAML <- overrides), the path checks, to_yaml / to_dict
+    aliases.py   TRL's and verl's names for opd's keys: the docs' table and the "did you mean" of an unknown key
+    reference.py docs/config.md, every key with its type, default and docstring: `python -m opd.config.reference`
 """
 
 from opd.config.base import ConfigError

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from opd.catalog import BUILTIN, lookup, names
+from opd.config.aliases import did_you_mean, did_you_mean_in
 from opd.config.base import ConfigError
 from opd.config.schema import OPDConfig
 
@@ -91,6 +92,10 @@ def load_yaml(path: Path, seen: tuple[Path, ...] = ()):
     return OmegaConf.merge(load_yaml(parent, (*seen, path.resolve())), data)
 
 
+class ForeignKeyError(ConfigError):
+    """An override whose key is not opd's but another framework's name for one (opd/config/aliases.py)."""
+
+
 def load_config(config_name: str = "default", overrides: list[str] | None = None) -> OPDConfig:
     """Merge schema <- YAML <- `key=value` overrides, validate, and return plain dataclasses."""
     overrides = overrides or []
@@ -100,12 +105,25 @@ def load_config(config_name: str = "default", overrides: list[str] | None = None
     schema = OmegaConf.structured(OPDConfig)
     path = resolve_config_file(config_name)
     try:
-        merged = OmegaConf.merge(schema, load_yaml(path))
+        data = load_yaml(path)
+        try:
+            merged = OmegaConf.merge(schema, data)
+        except (ConfigAttributeError, ConfigKeyError) as err:  # an unknown key; TRL's or verl's name for one?
+            if hint := did_you_mean_in(OmegaConf.to_container(data), getattr(err, "full_key", None) or ""):
+                raise ConfigError(hint) from None
+            raise
         for item in overrides:
             # One at a time, so `teachers.0.model=...` indexes the list instead of replacing it with a dict.
             key, value = item.split("=", 1)
-            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+            try:
+                OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+            except (ConfigAttributeError, ConfigKeyError):
+                if hint := did_you_mean(key, value):
+                    raise ForeignKeyError(hint) from None
+                raise
         cfg = OmegaConf.to_object(merged)
+    except ForeignKeyError:
+        raise  # the key came from the command line, not from the config file
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"{key}: {str(err).splitlines()[0]} (config {path})") from None

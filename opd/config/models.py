@@ -3,7 +3,9 @@ corrections, and the prompt data."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,13 +52,19 @@ class EngineConfig:
 
 @dataclass
 class StudentConfig:
+    """The model being distilled: the one the rollout workers sample from and the learner trains."""
+
     model: str = f"{BUILTIN}addition-student"
     """Hugging Face id or local checkpoint dir; `builtin:addition-student` is built on first use."""
 
 
 @dataclass
 class TeacherConfig:
+    """One teacher: its model, how it is run (vLLM, transformers or a server), its replicas and its terms."""
+
     name: str = "teacher"
+    """Unique name that combine.routes, judge.teacher and correction.teacher refer to; it also labels the teacher
+    in metrics, the run summary and provenance.json."""
     model: str = f"{BUILTIN}addition-teacher"
     """Hugging Face id or local checkpoint dir; with backend=openai, the name the server serves the model under."""
     backend: Literal["vllm", "transformers", "openai"] = "vllm"
@@ -74,9 +82,16 @@ class TeacherConfig:
     max_concurrency: int = 4
     """backend=openai: requests each replica keeps in flight."""
     weight: float = 1.0
+    """Its share when a merging combine.rule (mean_logprob, mixture) merges several teachers' signals, normalised
+    over the teachers scoring the sample; 0: it scores only samples routed to it."""
     replicas: int = 1
+    """Copies of the teacher, each an actor with the model loaded (or, served, a client); calls are split evenly
+    over them."""
     gpus_per_replica: float = 0
+    """GPUs each replica reserves (a fraction shares a GPU); with backend=vllm, whole GPUs are the engine's
+    tensor-parallel size (teacher_engine.tensor_parallel_size). 0 on CPU and for backend=openai."""
     cpus_per_replica: float = 1
+    """CPUs each replica reserves in Ray; a served teacher (backend=openai) reserves 0.1 whatever this says."""
     license: str = "unspecified"
     """SPDX-style id (apache-2.0, mit, llama3.1, gemma, ...) or proprietary-api; checked by the licence gate
     (opd/licenses.py) and recorded in the student's provenance.json."""
@@ -142,6 +157,22 @@ def check_served(i: int, t: TeacherConfig) -> None:
             f"teachers.{i}.api_key_env must be the NAME of an environment variable holding the key, not the key "
             "itself (keys never go in a config)"
         )
+    parts = urllib.parse.urlsplit(t.url)
+    credentials = bool(t.api_key_env or parts.username or parts.password)
+    if credentials and parts.scheme == "http" and not _loopback(parts.hostname or ""):
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        raise ConfigError(
+            f"teachers.{i}.url={url}: a key or password would cross the network in clear over http; use https "
+            "(vLLM's --ssl-keyfile/--ssl-certfile, or a TLS proxy). Plain http is kept for loopback only"
+        )
+
+
+def _loopback(host: str) -> bool:
+    """localhost or a loopback address: a request to it never leaves the machine."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -183,9 +214,11 @@ class JudgeConfig:
     rubric: str = DEFAULT_RUBRIC
     """Judge prompt with {prompt} and {response}; the first number the judge writes, out of 10, is the score."""
     max_tokens: int = 8
+    """kind=rubric: the most tokens the judging teacher writes (greedily) for its verdict."""
     use: Literal["record", "filter", "weight"] = "record"
     """record: log only; filter: drop samples scoring below min_score; weight: scale each sample's loss by its score."""
     min_score: float = 0.5
+    """use=filter: samples scoring below this (scores are normalised to [0, 1]) get weight 0, so do not train."""
     advantage_coef: float = 0.0
     """loss.type=reverse_kl: add coef x (score - mean score of the prompt's samples) to every token's advantage."""
 
@@ -207,6 +240,8 @@ class CorrectionConfig:
     """
 
     enabled: bool = False
+    """Turn teacher corrections on (mode=on_policy only); the tokens the teacher writes count towards
+    max_teacher_tokens."""
     threshold: float = -4.0
     """A student token is unlikely when the teacher's log-prob of it is below this..."""
     outside_top_k: bool = True
@@ -216,6 +251,8 @@ class CorrectionConfig:
     temperature: float = 0.0
     """Sampling temperature of the continuation (0: greedy)."""
     sft_weight: float = 1.0
+    """Weight of the cross-entropy on the teacher's continuation tokens; each loss is a mean over its own tokens,
+    and the two are mixed by their token counts."""
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -240,7 +277,8 @@ class DataConfig:
     eval_size: int = 128
     """Held-out prompts used for accuracy and reverse KL (the first N of each eval set)."""
     on_error: Literal["skip", "fail"] = "fail"
-    """What to do with a malformed line: skip it (counted) or stop naming file and line."""
+    """What to do with a malformed row, or a prompt too long for rollout.engine.max_model_len: skip it (counted) or
+    stop, naming file and line."""
     prompt_key: str = "prompt"
     """Column holding the prompt: a string (one user turn) or a list of {role, content} messages."""
     answer_key: str = "answer"

@@ -37,33 +37,58 @@ from opd.learner.loss_types import LOSS_TYPES
 
 @dataclass
 class OPDConfig:
+    """Every key of a run; docs/config.md lists them (`python -m opd.config.reference` writes it)."""
+
     student: StudentConfig = field(default_factory=StudentConfig)
+    """The model being distilled."""
     teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
+    """The models distilled from, one entry each (`teachers.0.model=...`); the first also writes mode=offline's
+    samples and is the default judge."""
     combine: CombineConfig = field(default_factory=CombineConfig)
+    """How several teachers' signals become one per sample."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Whole-response scores (a Python verifier or a teacher reading a rubric) stored with every sample."""
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    """Teacher corrections: the teacher rewrites a student response from its first unlikely token."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The training and held-out prompts, and how they are read and rendered."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The student's rollout workers and what each round samples."""
     teacher_engine: EngineConfig = field(default_factory=EngineConfig)
+    """The vLLM engine of every teacher with backend=vllm."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The DeepSpeed learner that trains the student."""
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    """The replay buffer between scoring and learning."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The distillation objective."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation of the student (greedy accuracy, pass@k, reverse KL to the teacher)."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Whether consecutive rounds' stages run in turn or overlap."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints to resume from, and exports of the student while the run goes on."""
     faults: FaultConfig = field(default_factory=FaultConfig)
+    """How a run survives failing actors and bad numbers."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
     ray: RayConfig = field(default_factory=RayConfig)
+    """The Ray cluster and how the actors are placed on it."""
     mode: Literal["on_policy", "offline"] = "on_policy"
     """on_policy: the student samples, the teacher scores. offline: the teacher samples, the student imitates."""
     rounds: int = 30
+    """Rounds to run: each samples rollout.prompts_per_round x samples_per_prompt responses, scores them and takes
+    learner.mini_batches optimizer steps (fewer rounds if max_teacher_tokens is reached first)."""
     max_teacher_tokens: int = 0
     """Stop after the round in which the teacher tokens spent (response tokens it scored, plus those it wrote as
     corrections or offline samples) reach this; 0: no limit. A cost cap for a served teacher."""
     output_dir: str = "outputs/default"
+    """Where the run writes config.yaml, metrics, curves.png, checkpoints/, the final student/ and its exports
+    (resume=PATH writes to PATH instead)."""
     cache_dir: str = "outputs/cache"
     """Where built-in models and data are built once and reused."""
     seed: int = 0
+    """Seeds the training prompts' order and every sampler: rollout workers, teachers and evaluation."""
     resume: str | None = None
     """auto: continue from the newest complete checkpoint in output_dir (start fresh if none);
     a path: continue from that run directory's newest checkpoint, writing to it."""
@@ -105,6 +130,18 @@ def check_across(cfg: OPDConfig) -> None:
         )
     if cfg.correction.enabled and cfg.mode != "on_policy":
         raise ConfigError("correction.enabled rewrites the student's own samples: it needs mode=on_policy")
+    steps = cfg.rounds * cfg.learner.mini_batches
+    if cfg.learner.warmup_steps > steps:
+        raise ConfigError(
+            f"learner.warmup_steps={cfg.learner.warmup_steps} is more than the run's {steps} optimizer steps "
+            f"(rounds={cfg.rounds} x learner.mini_batches={cfg.learner.mini_batches}): the lr would never reach "
+            "learner.lr; lower it or run longer"
+        )
+    if cfg.mode == "on_policy" and cfg.rollout.temperature == 0:
+        raise ConfigError(
+            "rollout.temperature=0 samples greedily, but on-policy learning takes the student's log-probs at the "
+            "sampling temperature (logits / 0): use a temperature > 0 (greedy accuracy is what eval reports)"
+        )
     for i, t in enumerate(cfg.teachers):
         if t.backend in ("vllm", "openai") and cfg.rollout.temperature != 1.0 and cfg.mode == "on_policy":
             raise ConfigError(
@@ -146,8 +183,22 @@ def weight_backend(cfg: OPDConfig) -> str:
 
 
 def check_gpus(cfg: OPDConfig) -> None:
-    """What the GPU transports and tensor-parallel engines need of the GPU shares."""
+    """What the GPU transports and tensor-parallel engines need of the GPU shares; no share below 0."""
     rollout, learner = cfg.rollout, cfg.learner
+    shares = {
+        "rollout.gpus_per_worker": rollout.gpus_per_worker,
+        "rollout.cpus_per_worker": rollout.cpus_per_worker,
+        "learner.gpus_per_shard": learner.gpus_per_shard,
+        "learner.cpus_per_shard": learner.cpus_per_shard,
+    }
+    for i, t in enumerate(cfg.teachers):
+        shares |= {
+            f"teachers.{i}.gpus_per_replica": t.gpus_per_replica,
+            f"teachers.{i}.cpus_per_replica": t.cpus_per_replica,
+        }
+    for key, value in shares.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value:g} must be >= 0 (a resource count; Ray would plan {value:g} of it)")
     if rollout.weight_sync == "nccl" and (
         rollout.colocate or rollout.gpus_per_worker < 1 or learner.gpus_per_shard < 1
     ):

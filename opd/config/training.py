@@ -15,14 +15,24 @@ from opd.learner.loss_types import LOSS_TYPES, TAILS
 
 @dataclass
 class RolloutConfig:
+    """The student's vLLM rollout workers: what a round samples, with which resources and engine."""
+
     num_workers: int = 2
+    """Student vLLM engines (one Ray actor each); a round's prompts are spread evenly over them."""
     prompts_per_round: int = 64
+    """Training prompts each round draws, in a seeded shuffle of data.train that is reshuffled on every pass."""
     samples_per_prompt: int = 4
+    """Responses sampled per prompt: a round makes prompts_per_round x samples_per_prompt samples."""
     max_new_tokens: int = 48
+    """The most tokens a response may have (the student's; in mode=offline the teacher's); a prompt must fit in
+    engine.max_model_len minus this (a longer one is an error, or skipped with data.on_error=skip)."""
     temperature: float = 1.0
+    """Sampling temperature of the round's responses (the teacher's in mode=offline); the learner takes the
+    student's log-probs at the same temperature, as the importance ratios need."""
     gpus_per_worker: float = 0
     """GPUs each rollout worker reserves (vLLM tensor parallel size on a GPU cluster)."""
     cpus_per_worker: float = 1
+    """CPUs each rollout worker reserves in Ray."""
     colocate: bool = False
     """Rollout worker i and learner shard i share placement bundle i (the same GPUs); engines sleep (vLLM sleep
     mode frees their memory) while the learner steps and wake for the weight sync. GPUs only."""
@@ -30,6 +40,7 @@ class RolloutConfig:
     """Learner -> rollout transport: auto is ipc (CUDA IPC, no copy over the wire) when colocated, nccl when
     rollout workers have GPUs, else gloo (CPU)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    """The student's vLLM engine in every rollout worker."""
 
     def __post_init__(self) -> None:
         at_least_one("rollout", self, "num_workers", "prompts_per_round", "samples_per_prompt", "max_new_tokens")
@@ -76,8 +87,13 @@ class LoraConfig:
 
 @dataclass
 class LearnerConfig:
+    """The learner shards that train the student with DeepSpeed: optimizer, batching, resources, LoRA."""
+
     num_shards: int = 2
+    """Learner actors, the DeepSpeed data-parallel ranks; each optimizer step's samples are split evenly over them."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 replicates everything, 1 shards the optimizer state, 2 also the gradients, 3 also the
+    weights (partitioned while loading, for a student larger than one device)."""
     lr: float = 1e-3
     """Peak learning rate: every step's under lr_schedule=constant without warm-up."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -88,6 +104,7 @@ class LearnerConfig:
     min_lr_ratio: float = 0.0
     """Where linear / cosine decay ends, as a fraction of lr."""
     weight_decay: float = 0.0
+    """AdamW's (decoupled) weight decay, on every trainable weight."""
     micro_batch_size: int = 32
     """Sequences per forward/backward on one shard (unless max_tokens_per_micro_batch packs by tokens)."""
     max_tokens_per_micro_batch: int = 0
@@ -104,6 +121,8 @@ class LearnerConfig:
     mini_batches: int = 1
     """Optimizer steps per round: the round's samples are split into this many batches."""
     grad_clip: float = 1.0
+    """Clip the gradient's global norm to this before each optimizer step (DeepSpeed gradient_clipping); 0: no
+    clipping."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
     bf16: bool = True
@@ -111,7 +130,9 @@ class LearnerConfig:
     gpus_per_shard: float = 0
     """GPUs each shard's actor reserves; 1 on a GPU cluster."""
     cpus_per_shard: float = 1
+    """CPUs each shard's actor reserves in Ray."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters on the student; rank 0 (the default) trains every weight."""
 
     def __post_init__(self) -> None:
         at_least_one("learner", self, "num_shards", "micro_batch_size", "mini_batches")
@@ -133,7 +154,7 @@ class LossConfig:
     type: str = "reverse_kl"
     """The objective by name: opd/learner/loss_types.py declares them (README "Losses" compares them)."""
     beta: float = 0.5
-    """Generalized JSD interpolation: 0 is forward KL, 1 is reverse KL."""
+    """loss.type=jsd: the generalized JSD's interpolation (GKD's beta): 0 is forward KL, 1 is reverse KL."""
     top_k: int = 8
     """Teacher alternatives kept per token (top-k KL / JSD on top-k logits)."""
     is_cap: float = 2.0
@@ -283,10 +304,17 @@ class FaultConfig:
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases logging of every round's metrics and sample tables."""
+
     mode: Literal["online", "offline", "disabled"] = "offline"
+    """online: stream to the W&B server; offline: write the W&B run under output_dir/wandb (upload later with `wandb
+    sync`); disabled: no W&B. The summary, metrics and curves in output_dir are written either way."""
     project: str = "opd"
+    """W&B project the run is logged to."""
     group: str | None = None
+    """W&B group the run joins; None: none (--multirun groups its runs under the sweep's name)."""
     name: str | None = None
+    """W&B run name; None: W&B picks one (--multirun names each run after its grid point)."""
 
 
 @dataclass
