@@ -63,6 +63,7 @@ def main(argv: list[str]) -> dict:
         return sweep(args.config_name, args.overrides, args.dry_run)
     try:
         cfg = load_config(args.config_name, args.overrides)
+        check_output_dir(cfg.output_dir, cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     if args.dry_run:
@@ -73,6 +74,20 @@ def main(argv: list[str]) -> dict:
     # Every round's metrics are in the file (a 300-round run's is ~1 MB): the terminal gets its path, last.
     print(SUMMARY_LINE + os.path.abspath(os.path.join(cfg.output_dir, SUMMARY_FILE)), flush=True)
     return summary
+
+
+def check_output_dir(output_dir: str, address: str | None) -> None:
+    """On a Ray cluster the driver's working directory is Ray's temporary copy of the code (`ray job submit`), and
+    learner ranks on other nodes write checkpoints under their own node's copy: a relative `output_dir` would be
+    lost with the job. Refused there; a path on storage every node mounts is what works."""
+    from opd.config import ConfigError
+    from opd.secrets import without_userinfo
+
+    if address and not os.path.isabs(output_dir):
+        raise ConfigError(
+            f"output_dir={output_dir} is relative, but the run joins the Ray cluster at {without_userinfo(address)}: "
+            "give an absolute path on storage every node mounts (e.g. output_dir=/shared/runs/NAME)"
+        )
 
 
 def run(cfg) -> dict:
@@ -113,6 +128,11 @@ def run(cfg) -> dict:
         print(f"skipped {skipped_train} train and {skipped_eval} eval rows (data.on_error=skip)", flush=True)
 
     card = StudentCard(cfg, student, teachers, data_files, started)
+    if resume is not None and (changed := checkpoint.changes(checkpoint.load(resume).get("inputs"), card.inputs())):
+        sys.exit(
+            f"error: cannot resume from {resume}: it was written with other inputs ({'; '.join(changed)}), and "
+            "the resumed run would not continue the same one. Restore them, or start afresh in another output_dir"
+        )
     restarts = cfg.faults.learner_resumes
     while True:
         try:
@@ -146,10 +166,27 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
     from opd.config import ConfigError, to_dict
     from opd.data import DataError
     from opd.learner.guard import NonFiniteStep
-    from opd.monitoring import Monitor
+    from opd.monitoring import Monitor, MonitorError
     from opd.plan import PlanError, actor_env
     from opd.startup import start
 
+    state = checkpoint.load(resume) if resume else {}
+    wandb = cfg.wandb
+    try:  # before Ray: a run that cannot log where it was told to stops here, having started nothing
+        monitor = Monitor(
+            cfg.output_dir,
+            to_dict(cfg),
+            wandb.mode,
+            wandb.project,
+            wandb.group,
+            wandb.name,
+            history=state.get("history"),
+            run_id=state.get("wandb_id"),
+            entity=wandb.entity,
+            tags=list(wandb.tags),
+        )
+    except MonitorError as err:
+        sys.exit(f"error: {err}")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env_vars = {"TOKENIZERS_PARALLELISM": "false", **actor_env(cfg)}
     if address:  # under `ray job submit`, the job's --working-dir already carries the code to every node
@@ -160,18 +197,6 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
         # "local": a Ray of its own even where `ray start` left a cluster on this machine, which ray.init() would
         # otherwise join (and then refuse num_cpus for).
         ray.init(address="local", num_cpus=local_cpus(cfg), runtime_env=env, include_dashboard=False)
-    state = checkpoint.load(resume) if resume else {}
-    wandb = cfg.wandb
-    monitor = Monitor(
-        cfg.output_dir,
-        to_dict(cfg),
-        wandb.mode,
-        wandb.project,
-        wandb.group,
-        wandb.name,
-        history=state.get("history"),
-        run_id=state.get("wandb_id"),
-    )
     try:
         return start(cfg, student, teachers, train, evals, monitor, card).run(resume)
     except (ConfigError, DataError, IncompatibleModels, PlanError) as err:
@@ -195,6 +220,7 @@ def sweep(config_name: str, overrides: list[str], dry_run: bool = False) -> dict
     """Run every point of the override grid in turn; all configs are checked before the first run."""
     from opd import sweep as grid
     from opd.config import ConfigError, load_config
+    from opd.monitoring import SUMMARY_LINE
 
     points = grid.expand(overrides)
     keys = grid.varying(points)
@@ -207,19 +233,18 @@ def sweep(config_name: str, overrides: list[str], dry_run: bool = False) -> dict
             label = grid.run_name(point, keys)
             extra = [f"output_dir={root}/{i:03d}", f"wandb.group={base.wandb.group or name}", f"wandb.name={label}"]
             configs.append((label, load_config(config_name, [*point, *extra])))
+            check_output_dir(configs[-1][1].output_dir, configs[-1][1].ray.address or os.environ.get("RAY_ADDRESS"))
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print(f"{name}: {len(configs)} runs over {', '.join(keys) or 'one point'} -> {root}", flush=True)
+    if dry_run:
+        show_sweep(configs)
+        return {}
     rows = []
     for i, (label, cfg) in enumerate(configs, start=1):
         print(f"[{i}/{len(configs)}] {label}", flush=True)
-        if dry_run:
-            show(cfg)
-            continue
         final = run(cfg)["final"]
         rows.append({"run": label, "output_dir": cfg.output_dir, **final})
-    if dry_run:
-        return {}
     columns = ["run", "student_accuracy_after", "reverse_kl_before", "reverse_kl_after", "teacher_tokens"]
     text = grid.table(rows, columns)
     with open(os.path.join(root, "sweep.md"), "w") as f:
@@ -228,8 +253,26 @@ def sweep(config_name: str, overrides: list[str], dry_run: bool = False) -> dict
     with open(os.path.join(root, "sweep.json"), "w") as f:
         json.dump(result, f, indent=2)
     print("\n" + text, flush=True)
-    print(json.dumps(result), flush=True)
+    # Like a single run's: the last line names the file with every run's final figures.
+    print(SUMMARY_LINE + os.path.abspath(os.path.join(root, "sweep.json")), flush=True)
     return result
+
+
+def show_sweep(configs: list) -> None:
+    """What `--multirun --dry-run` prints: the first point's config and plan in full, then each point's keys that
+    differ across the grid (a 6-point sweep of the whole config was a thousand lines), then one short line."""
+    from opd import sweep as grid
+    from opd.plan import describe
+    from opd.secrets import safe_config
+
+    show(configs[0][1])
+    plans = {describe(cfg) for _, cfg in configs}
+    changes = grid.differences([safe_config(cfg) for _, cfg in configs])
+    for i, ((label, cfg), changed) in enumerate(zip(configs, changes, strict=True), start=1):
+        print(f"[{i}/{len(configs)}] {label}: " + "  ".join(f"{k}={v}" for k, v in changed.items()), flush=True)
+        if len(plans) > 1:
+            print(describe(cfg), flush=True)
+    print(f"dry run: {len(configs)} runs checked, nothing started", flush=True)
 
 
 def report(final: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -113,10 +114,14 @@ class Controller:
         return self.monitor.finish(self.summary(student_path))
 
     def export(self, path: str) -> None:
-        """The student as a Hugging Face checkpoint in `path`, with its provenance when there is a card."""
-        self.learner.save(path)
+        """The student as a Hugging Face checkpoint in `path`, with its provenance when there is a card; written
+        beside it and renamed into place, so a crash mid-export never leaves a broken student where one was."""
+        staged = f"{path}.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        self.learner.save(staged)
         if self.card is not None:
-            self.card(path, self.signal_share)
+            self.card(path, self.signal_share, into=staged)
+        checkpoint.publish(Path(staged), Path(path))
 
     def round(self, r: int) -> dict[str, float]:
         """Round r: the round's scored samples, through the buffer, one learner step per mini-batch, a sync."""
@@ -260,6 +265,7 @@ class Controller:
             "wandb_id": self.monitor.run_id,
             "assigned": {"train": _assigned(self.train)}
             | {f"eval:{n}": _assigned(p) for n, p in self.evaluator.sets.items()},
+            "inputs": self.card.inputs() if self.card is not None else None,  # what a resume must not change
         }
         checkpoint.commit(tmp, state | self.schedule.save(tmp), self.cfg.checkpoint.keep)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.catalog import from_scratch
-from opd.config import OPDConfig
+from opd.config import OPDConfig, to_dict
 from opd.learner.loss_types import LOSS_TYPES
 from opd.licenses import lookup, normalise_id
 from opd.secrets import safe_config, without_userinfo
@@ -252,7 +252,17 @@ class StudentCard:
     data_files: Mapping[str, str]
     started: str
 
-    def __call__(self, path: str, signal_share: Mapping[str, float]) -> None:
+    def inputs(self) -> dict:
+        """The config keys and prompt-file hashes a resumed run must share with its checkpoint
+        (`opd.checkpoint.fingerprint`); the files are hashed once per version."""
+        from opd.checkpoint import fingerprint
+
+        roles = {role: path for role, path in self.data_files.items() if role == "train"}
+        return fingerprint(to_dict(self.cfg), {role: _data_sha256(path) for role, path in roles.items()})
+
+    def __call__(self, path: str, signal_share: Mapping[str, float], into: str | None = None) -> None:
+        """The record of the student at `path`, written into `into` (default `path`): an export is written beside
+        its final place and renamed there, and its record names where it ends up."""
         record = build_provenance(
             self.cfg,
             student_path=path,
@@ -263,7 +273,7 @@ class StudentCard:
             started=self.started,
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        write_model_card(path, record)
+        write_model_card(into or path, record)
 
 
 __all__ = ["StudentCard", "build_provenance", "file_sha256", "model_card", "write_model_card"]

@@ -108,8 +108,9 @@ class FakeLearner:
         self.step = json.loads((Path(path) / "step.json").read_text())
         return self.step
 
-    def save(self, path: str) -> None:
-        pass
+    def save(self, path: str) -> None:  # as save_pretrained does: the directory with the weights in it
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_text(json.dumps(self.step))
 
 
 class Buffer(ReplayBuffer):
@@ -275,3 +276,21 @@ def test_max_teacher_tokens_stops_after_the_round_that_reaches_it_and_evaluates_
     assert summary["final"]["rounds"] == 3 and c.teacher_tokens == 3 * PER_ROUND * SAMPLES
     assert len(c.learner.trained) == 3 * MINI_BATCHES
     assert evals == [0, 3 * MINI_BATCHES]  # before training, and after the last round run
+
+
+def test_an_export_that_dies_half_written_leaves_the_last_student_whole(tmp_path):
+    cfg = config("sync", 1, rounds=2, tmp=tmp_path)
+    c = controller(cfg)
+    path = str(tmp_path / "student")
+    c.export(path)
+    before = (tmp_path / "student" / "model.safetensors").read_text()
+
+    def dies_writing(staged: str) -> None:
+        Path(staged).mkdir(parents=True, exist_ok=True)
+        (Path(staged) / "model.safetensors").write_text("half")
+        raise OSError("disk full")
+
+    c.learner.save = dies_writing
+    with pytest.raises(OSError, match="disk full"):
+        c.export(path)
+    assert (tmp_path / "student" / "model.safetensors").read_text() == before
