@@ -200,14 +200,20 @@ _TABLE = [
 ]
 
 CLOSED_ENDPOINTS: dict[str, str] = {
-    "api.openai.com": "OpenAI's terms forbid using output to develop models that compete with OpenAI",
-    "api.anthropic.com": "Anthropic's terms forbid using the services to build competing products, including "
+    "openai.com": "OpenAI's terms forbid using output to develop models that compete with OpenAI",
+    "openai.azure.com": "Azure OpenAI serves OpenAI's models under terms that forbid using output to develop "
+    "models that compete with them",
+    "anthropic.com": "Anthropic's terms forbid using the services to build competing products, including "
     "training competing AI models",
     "generativelanguage.googleapis.com": "Google's Gemini API terms forbid using the services to develop models "
     "that compete with them",
 }
-"""Hosts of closed providers' APIs (backend=openai teachers) and why their terms restrict distillation, whatever
-`license` an entry declares. A summary to route attention, not legal advice."""
+"""Domains of closed providers' APIs (backend=openai teachers), matched with every subdomain, and why their terms
+restrict distillation, whatever `license` an entry declares. A summary to route attention, not legal advice."""
+
+ROUTERS: dict[str, tuple[str, ...]] = {"openrouter.ai": ("openai/", "anthropic/", "google/gemini")}
+"""API routers and proxies that forward to many providers, and the model-name prefixes that reach a closed one
+(whose terms then apply as if it were called directly)."""
 
 LICENSES: dict[str, License] = {lic.id: lic for lic in _TABLE}
 """Known licences by lowercase id (Hugging Face `license:` tags where one exists)."""
@@ -223,8 +229,25 @@ def lookup(license_id: str) -> License | None:
 
 
 def endpoint_host(url: str) -> str:
-    """The lowercase host of a served teacher's URL ("" for none)."""
-    return (urlsplit(url).hostname or "").lower() if url else ""
+    """The lowercase host of a served teacher's URL, without a trailing dot ("" for none)."""
+    return (urlsplit(url).hostname or "").lower().rstrip(".") if url else ""
+
+
+def _within(host: str, domain: str) -> bool:
+    return host == domain or host.endswith("." + domain)
+
+
+def closed_endpoint(url: str, model: str) -> tuple[str, str] | None:
+    """(the provider's domain, why its terms restrict distillation) when `url` reaches a closed provider's API:
+    its own domain or any subdomain, or a router forwarding `model` to one; None otherwise."""
+    host = endpoint_host(url)
+    for domain, why in CLOSED_ENDPOINTS.items():
+        if _within(host, domain):
+            return domain, why
+    for domain, prefixes in ROUTERS.items():
+        if _within(host, domain) and model.lower().startswith(prefixes):
+            return domain, f"{domain} forwards {model} to its provider, whose terms restrict distillation"
+    return None
 
 
 def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]:
@@ -236,9 +259,10 @@ def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]
     errors: list[str] = []
     warnings: list[str] = []
     for i, t in enumerate(teachers):
-        host = endpoint_host(getattr(t, "url", ""))
-        if getattr(t, "backend", "") == "openai" and host in CLOSED_ENDPOINTS:
-            why = f"teachers.{i}.url is {host}: {CLOSED_ENDPOINTS[host]}"
+        served = getattr(t, "backend", "") == "openai"
+        closed = closed_endpoint(getattr(t, "url", ""), t.model) if served else None
+        if closed is not None:
+            why = f"teachers.{i}.url is {endpoint_host(t.url)} ({closed[0]}): {closed[1]}"
             if not t.accept_terms.strip():
                 errors.append(
                     f"{why}. If this use is allowed (a written agreement with the provider), set "
@@ -252,6 +276,11 @@ def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]
             warnings.append(
                 f"{key} is not in opd's licence table (opd/licenses.py), so it is treated as unspecified: check that "
                 f"the terms of {t.model} allow training another model on its outputs"
+            )
+        elif lic.id == "unspecified" and served:
+            errors.append(
+                f"teachers.{i}.license is unspecified, but a served teacher's weights are out of opd's sight: state "
+                f"the licence of {t.model} (teachers.{i}.license=apache-2.0, llama3.1, ..., or proprietary-api)"
             )
         elif lic.id == "unspecified":
             if not t.from_scratch:
@@ -279,8 +308,10 @@ def license_problems(teachers: Iterable[Teacher]) -> tuple[list[str], list[str]]
 __all__ = [
     "CLOSED_ENDPOINTS",
     "LICENSES",
+    "ROUTERS",
     "License",
     "LicenseWarning",
+    "closed_endpoint",
     "endpoint_host",
     "license_problems",
     "lookup",

@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -107,17 +108,20 @@ def test_dry_run_prints_the_config_and_plan_and_starts_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_of_a_sweep_prints_every_point(tmp_path):
+def test_dry_run_of_a_sweep_prints_every_point_by_what_differs(tmp_path):
     out = dry_run("--multirun", "loss.beta=0,1", "learner.lr=1e-5,3e-5", f"output_dir={tmp_path}")
-    points = out.split("\n[")[1:]
-    assert [p.split("]")[1].split("\n")[0].strip() for p in points] == [
+    first, _, rest = out.partition("\n[1/4]")
+    assert OmegaConf.create(first.split("plan (")[0].split("\n", 1)[1]).loss.beta == 0  # the first point in full
+    points = ("[1/4]" + rest).strip().splitlines()
+    assert [p.split("] ")[1].split(":")[0] for p in points[:-1]] == [
         "loss.beta=0,learner.lr=1e-5",
         "loss.beta=0,learner.lr=3e-5",
         "loss.beta=1,learner.lr=1e-5",
         "loss.beta=1,learner.lr=3e-5",
     ]
-    assert [OmegaConf.create(p.split("\n", 1)[1].split("plan (")[0]).loss.beta for p in points] == [0, 0, 1, 1]
-    assert list(tmp_path.iterdir()) == []
+    assert "loss.beta=1.0" in points[2] and "learner.lr=1e-05" in points[2] and "rounds=" not in points[2]
+    assert points[-1] == "dry run: 4 runs checked, nothing started"
+    assert len(out.splitlines()) < 250 and list(tmp_path.iterdir()) == []
 
 
 def test_combine_rules_match_the_registry():
@@ -222,7 +226,11 @@ def test_a_built_in_teacher_from_third_party_weights_carries_their_licence_and_s
 
 @pytest.mark.parametrize("backend", ["vllm", "openai"])
 def test_teachers_that_score_by_prompt_log_probs_need_temperature_one(tiny_assets, backend):
-    extra = ["teachers.0.url=http://127.0.0.1:8000/v1", f"teachers.0.tokenizer={tiny_assets['teacher']}"]
+    extra = [
+        "teachers.0.url=http://127.0.0.1:8000/v1",
+        f"teachers.0.tokenizer={tiny_assets['teacher']}",
+        "teachers.0.license=mit",
+    ]
     overrides = [
         f"data.train={tiny_assets['train']}",
         f"data.eval={tiny_assets['eval']}",
@@ -233,3 +241,48 @@ def test_teachers_that_score_by_prompt_log_probs_need_temperature_one(tiny_asset
     ]
     with pytest.raises(ConfigError, match=rf"teachers\.0\.backend={backend} scores at temperature 1"):
         load_config("default", overrides)
+
+
+def test_a_malformed_yaml_is_one_line_naming_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: 3\nlearner:\n  lr: [1e-4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    message = str(err.value)
+    assert message.startswith(f"{bad}:4:1: malformed YAML: ") and "expected ',' or ']'" in message
+    assert "\n" not in message
+
+
+def test_a_base_is_found_beside_the_file_that_names_it(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "parent.yaml").write_text("base: default\nlearner:\n  lr: 0.002\n")
+    (folder / "child.yaml").write_text("base: parent\nrounds: 40\n")
+    monkeypatch.chdir(tmp_path)  # not the configs' folder: the base is found beside the child all the same
+    cfg = load_config(str(folder / "child.yaml"))
+    assert cfg.rounds == 40 and cfg.learner.lr == 0.002 and cfg.loss.type == "jsd"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("learner.lr=fast", "(override learner.lr=fast)"),
+        ("rounds=0", "(override rounds=0)"),
+        ("loss.beta=1.5", "(override loss.beta=1.5)"),
+    ],
+)
+def test_a_bad_override_is_named_not_the_config_file(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert str(err.value).endswith(named) and "default.yaml" not in str(err.value)
+
+
+@pytest.mark.parametrize("joins", [["ray.address=10.0.0.1:6379"], ["--multirun", "learner.lr=1e-3,1e-2"]])
+def test_a_run_on_a_cluster_refuses_a_relative_output_dir(joins, tmp_path):
+    """Under `ray job submit` the driver's working directory is Ray's temporary copy of the code."""
+    env = dict(os.environ, RAY_ADDRESS="10.0.0.1:6379")
+    cmd = [sys.executable, "launch.py", "--dry-run", *joins]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and "is relative, but the run joins the Ray cluster at 10.0.0.1:6379" in proc.stderr
+    proc = subprocess.run([*cmd, f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -70,7 +70,8 @@ def test_requests_send_token_ids_and_ask_for_the_signal():
 
 
 def _served(**kw) -> TeacherConfig:
-    return TeacherConfig(**({"model": "served-name", "backend": "openai", "url": "http://127.0.0.1:8000/v1"} | kw))
+    served = {"model": "served-name", "backend": "openai", "url": "http://127.0.0.1:8000/v1", "license": "apache-2.0"}
+    return TeacherConfig(**(served | kw))
 
 
 def test_a_served_teacher_is_checked_and_reserves_a_thin_cpu_slice():
@@ -107,6 +108,33 @@ def test_closed_provider_endpoints_need_accept_terms():
     errors, notes = license_problems([_served(url="https://api.openai.com/v1", accept_terms="written agreement X")])
     assert not errors and any("written agreement X" in n for n in notes)
     assert not license_problems([_served(license="apache-2.0")])[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "model", "closed"),
+    [
+        ("https://api.openai.com./v1", "gpt-4o", "openai.com"),  # a trailing dot is the same host
+        ("https://eu.api.openai.com/v1", "gpt-4o", "openai.com"),  # a subdomain
+        ("https://my-org.openai.azure.com/openai/deployments/x", "gpt-4o", "openai.azure.com"),  # Azure OpenAI
+        ("https://API.Anthropic.com/v1", "claude", "anthropic.com"),
+        ("https://openrouter.ai/api/v1", "anthropic/claude-3.5-sonnet", "openrouter.ai"),  # a router to a closed one
+        ("https://openrouter.ai/api/v1", "qwen/qwen-2.5-72b-instruct", None),  # the same router to open weights
+        ("https://notopenai.com/v1", "m", None),  # a suffix of the name is not a subdomain
+        ("http://127.0.0.1:8000/v1", "m", None),
+    ],
+)
+def test_closed_providers_are_found_by_domain_and_behind_routers(url, model, closed):
+    errors, _ = license_problems([_served(url=url, model=model)])
+    if closed is None:
+        assert not errors
+    else:
+        assert errors and f"({closed})" in errors[0] and "accept_terms" in errors[0]
+
+
+def test_a_served_teacher_must_state_its_licence():
+    errors, _ = license_problems([_served(license="unspecified")])
+    assert errors and "teachers.0.license is unspecified, but a served teacher" in errors[0]
+    assert not license_problems([_served(license="proprietary-api", accept_terms="agreement 7")])[0]
 
 
 class _Stub(BaseHTTPRequestHandler):
