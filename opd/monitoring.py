@@ -24,6 +24,10 @@ def _finite(metrics: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
+class MonitorError(RuntimeError):
+    """wandb.mode=online, and W&B could not start: the run was asked to be watched there, so it does not go on."""
+
+
 class Monitor:
     def __init__(
         self,
@@ -35,8 +39,11 @@ class Monitor:
         name: str | None,
         history: list[dict] | None = None,
         run_id: str | None = None,
+        entity: str | None = None,
+        tags: list[str] | None = None,
     ):
-        """`history` and `run_id` come from a checkpoint when resuming: the curves continue in the same W&B run."""
+        """`history` and `run_id` come from a checkpoint when resuming: the curves continue in the same W&B run.
+        A W&B that cannot start stops an online run (`MonitorError`); offline, the run goes on without it."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict] = list(history or [])
@@ -49,8 +56,10 @@ class Monitor:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
                 project=project,
+                entity=entity,
                 group=group,
                 name=name,
+                tags=tags or None,
                 mode=mode,
                 dir=str(self.output_dir),
                 config=redact(config),
@@ -58,6 +67,11 @@ class Monitor:
                 resume="allow" if run_id else None,
             )
         except Exception as err:
+            if mode == "online":
+                raise MonitorError(
+                    f"wandb.mode=online, but W&B could not start ({type(err).__name__}: {err}); check WANDB_API_KEY, "
+                    "wandb.entity and the network, or run with wandb.mode=offline and `wandb sync` later"
+                ) from err
             warnings.warn(f"W&B disabled: {err}", stacklevel=2)
 
     @property

@@ -44,3 +44,25 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def flat(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as dotted keys: `{"learner": {"lr": 1e-4}}` -> `{"learner.lr": 1e-4}`; list items by index."""
+    out: dict[str, object] = {}
+    items = config.items() if isinstance(config, dict) else enumerate(config)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict | list) and value:
+            out |= flat(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def differences(configs: list[dict]) -> list[dict[str, object]]:
+    """Per config, the dotted keys whose value is not the same in every config of the grid (what a dry run of a
+    sweep shows per point, instead of every point's whole config)."""
+    flats = [flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f})
+    differing = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    return [{k: f.get(k) for k in differing} for f in flats]

@@ -44,3 +44,16 @@ def test_several_runs_against_teacher_tokens_in_one_plot(tmp_path):
     assert [line.get_label() for line in accuracy.lines] == ["a", "b"]
     assert accuracy.get_xlabel() == "teacher tokens"
     assert len(kl.lines) == 3  # a's and b's held-out KL, a's on-policy KL (b has none)
+
+
+def test_an_online_run_whose_wandb_cannot_start_stops_with_the_reason(tmp_path, monkeypatch):
+    """Asked to be watched in W&B, a run does not go on unwatched; offline, W&B trouble only warns."""
+    import pytest
+
+    from opd.monitoring import MonitorError
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    with pytest.raises(MonitorError, match=r"wandb.mode=online, but W&B could not start \(UsageError: No API key"):
+        Monitor(str(tmp_path / "run"), {}, "online", "p", None, None, entity="team", tags=["a"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from opd.monitoring import SUMMARY_LINE
 from opd.sweep import expand, run_name, table, varying
 from tests.stack import tiny_overrides
 
@@ -46,8 +47,9 @@ def test_a_bad_point_stops_the_sweep_before_any_run():
 
 
 @pytest.mark.integration
-def test_multirun_gives_each_point_its_own_run_grouped_in_wandb_and_a_table(tiny_assets, tmp_path):
+def test_multirun_gives_each_point_its_own_run_grouped_in_wandb_and_a_table(tiny_assets, tmp_path, shared_ray):
     args = [*tiny_overrides(tiny_assets, tmp_path), "rollout.num_workers=1", "learner.num_shards=1", "rounds=1"]
+    args.append(f"ray.address={shared_ray}")  # every point joins the suite's cluster
     proc = subprocess.run(
         [sys.executable, "launch.py", "--multirun", *args, "learner.lr=1e-3,1e-2"],
         cwd=ROOT,
@@ -57,7 +59,9 @@ def test_multirun_gives_each_point_its_own_run_grouped_in_wandb_and_a_table(tiny
         env=dict(os.environ, WANDB_MODE="offline"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = proc.stdout.strip().splitlines()[-1]  # like a single run's: the file with every run's final figures
+    assert last.startswith(SUMMARY_LINE) and last.endswith("sweep.json"), last
+    result = json.loads(Path(last.removeprefix(SUMMARY_LINE)).read_text())
     runs = result["runs"]
     assert [r["run"] for r in runs] == ["learner.lr=1e-3", "learner.lr=1e-2"]
     root = Path(runs[0]["output_dir"]).parent

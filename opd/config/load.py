@@ -13,6 +13,7 @@ from opd.catalog import BUILTIN, lookup, names
 from opd.config.aliases import did_you_mean, did_you_mean_in
 from opd.config.base import ConfigError
 from opd.config.schema import OPDConfig
+from opd.secrets import redact
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -80,20 +81,47 @@ def resolve_config_file(name: str) -> Path:
     raise ConfigError(f"--config-name={name}: no such file here or in {CONF_DIR}")
 
 
+def read_yaml(path: Path):
+    """One YAML file; a syntax error is one line naming file:line:column and what is wrong, not PyYAML's trace."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+        raise ConfigError(f"{where}: malformed YAML: {what or err}") from None
+
+
 def load_yaml(path: Path, seen: tuple[Path, ...] = ()):
-    """A conf/ file with its `base:` chain applied: `base: default` means "the demo, plus these changes"."""
-    data = OmegaConf.load(path)
+    """A conf/ file with its `base:` chain applied: `base: default` means "the demo, plus these changes". A base is
+    looked up beside the file that names it first (a folder of configs builds on itself wherever it is), then as
+    `--config-name` is."""
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
-    parent = resolve_config_file(str(base))
+    beside = [path.parent / str(base), path.parent / f"{base}.yaml"]
+    parent = next((p for p in beside if p.is_file()), None) or resolve_config_file(str(base))
     if parent.resolve() in seen:
         raise ConfigError(f"{path}: base: {base} makes a cycle")
     return OmegaConf.merge(load_yaml(parent, (*seen, path.resolve())), data)
 
 
-class ForeignKeyError(ConfigError):
-    """An override whose key is not opd's but another framework's name for one (opd/config/aliases.py)."""
+def _shown(item: str) -> str:
+    """An override as an error message may show it: a credential's value replaced (`wandb.api_key=***`)."""
+    key, value = item.split("=", 1)
+    leaf = key.rsplit(".", 1)[-1]
+    return f"{key}={redact({leaf: value})[leaf]}"
+
+
+def _named(err: Exception, source: str) -> ConfigError:
+    """`err` as one line naming its key and where the value came from: an override, or the config file."""
+    if isinstance(err, ConfigError):
+        return ConfigError(f"{err} ({source})")
+    key = getattr(err, "full_key", None) or "?"
+    return ConfigError(f"{key}: {str(err).splitlines()[0]} ({source})")
 
 
 def load_config(config_name: str = "default", overrides: list[str] | None = None) -> OPDConfig:
@@ -104,31 +132,33 @@ def load_config(config_name: str = "default", overrides: list[str] | None = None
             raise ConfigError(f"override {item!r} is not key=value")
     schema = OmegaConf.structured(OPDConfig)
     path = resolve_config_file(config_name)
+    data = load_yaml(path)  # a malformed file names itself, file:line:column
     try:
-        data = load_yaml(path)
-        try:
-            merged = OmegaConf.merge(schema, data)
-        except (ConfigAttributeError, ConfigKeyError) as err:  # an unknown key; TRL's or verl's name for one?
-            if hint := did_you_mean_in(OmegaConf.to_container(data), getattr(err, "full_key", None) or ""):
-                raise ConfigError(hint) from None
-            raise
-        for item in overrides:
-            # One at a time, so `teachers.0.model=...` indexes the list instead of replacing it with a dict.
-            key, value = item.split("=", 1)
-            try:
-                OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
-            except (ConfigAttributeError, ConfigKeyError):
-                if hint := did_you_mean(key, value):
-                    raise ForeignKeyError(hint) from None
-                raise
-        cfg = OmegaConf.to_object(merged)
-    except ForeignKeyError:
-        raise  # the key came from the command line, not from the config file
+        merged = OmegaConf.merge(schema, data)
+    except (ConfigAttributeError, ConfigKeyError) as err:  # an unknown key; TRL's or verl's name for one?
+        if hint := did_you_mean_in(OmegaConf.to_container(data), getattr(err, "full_key", None) or ""):
+            raise ConfigError(f"{hint} (config {path})") from None
+        raise _named(err, f"config {path}") from None
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {str(err).splitlines()[0]} (config {path})") from None
-    except ConfigError as err:
-        raise ConfigError(f"{err} (config {path})") from None
+        raise _named(err, f"config {path}") from None
+    for item in overrides:
+        # One at a time, so `teachers.0.model=...` indexes the list instead of replacing it with a dict.
+        key, value = item.split("=", 1)
+        try:
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+        except (ConfigAttributeError, ConfigKeyError) as err:
+            if hint := did_you_mean(key, value):
+                raise ConfigError(hint) from None
+            raise _named(err, f"override {_shown(item)}") from None
+        except OmegaConfBaseException as err:
+            raise _named(err, f"override {_shown(item)}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ConfigError) as err:
+        # A check's message starts with the key it refuses (`rounds=0 must be >= 1`): was that key overridden?
+        key = getattr(err, "full_key", None) or "".join(re.findall(r"^([\w.]+)=", str(err))[:1])
+        given = [item for item in overrides if key and item.split("=", 1)[0] == key]
+        raise _named(err, f"override {_shown(given[-1])}" if given else f"config {path}") from None
     check_paths(cfg)
     return cfg
 

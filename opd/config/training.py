@@ -315,6 +315,10 @@ class WandbConfig:
     """W&B group the run joins; None: none (--multirun groups its runs under the sweep's name)."""
     name: str | None = None
     """W&B run name; None: W&B picks one (--multirun names each run after its grid point)."""
+    entity: str | None = None
+    """W&B team or user the project belongs to; None: the API key's default entity (or WANDB_ENTITY)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags of the run, e.g. [qwen, sweep-3], to filter runs by in the W&B UI."""
 
 
 @dataclass
