@@ -55,7 +55,7 @@ def test_config_yaml_and_provenance_hold_no_credential_and_keep_where_things_are
     assert record["teachers"][0]["endpoint"] == f"https://{REDACTED}@teachers.example.com/v1"
 
 
-def test_the_dry_run_prints_no_credential(tiny_assets):
+def test_the_dry_run_prints_no_credential(tiny_assets, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
@@ -63,6 +63,7 @@ def test_the_dry_run_prints_no_credential(tiny_assets):
             "--dry-run",
             f"data.train={tiny_assets['train']}",
             "ray.address=ray://u:p4ss@h:1",
+            f"output_dir={tmp_path}",  # a run joining a cluster writes to shared storage
         ],
         cwd=ROOT,
         capture_output=True,
