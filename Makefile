@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) launch.py $(ARGS)
 
+# The 15 slowest tests are listed at the end, so the next slowdown shows where it happens (tests/README.md).
 test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration" tests

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.stack import COSINE, checkpointed_overrides, free_port, launch, ray_node
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -53,14 +57,51 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def smollm2_assets(tmp_path_factory) -> dict[str, Path]:
-    """The SmolLM2 built-ins by name (opd/pretrained.py), built once per session through the built-in cache.
+def machine_cache() -> Path:
+    """Built-in sets shared by every test session on this machine (OPD_TEST_CACHE to move it): each set is keyed by
+    its versioned name, built atomically and, where fetched, checked against pinned hashes, so a later session
+    reuses it as it is; a fresh machine (CI) builds it once."""
+    return Path(os.environ.get("OPD_TEST_CACHE", Path.home() / ".cache" / "opd-tests"))
 
-    About 45 s on 2 cores (dequantizing the GGUF), 700 MB on disk; tests using it are `integration`.
+
+@pytest.fixture(scope="session")
+def smollm2_assets() -> dict[str, Path]:
+    """The SmolLM2 built-ins by name (opd/pretrained.py), through the built-in cache.
+
+    About 45 s on 2 cores the first time (dequantizing the GGUF), 700 MB on disk; tests using it are `integration`.
     """
     from opd.assets import ensure_builtin
     from opd.catalog import BUILTINS, SMOLLM2
 
-    cache = tmp_path_factory.mktemp("cache")
-    return {name: ensure_builtin(name, cache) for name, entry in BUILTINS.items() if entry.group == SMOLLM2}
+    return {name: ensure_builtin(name, machine_cache()) for name, entry in BUILTINS.items() if entry.group == SMOLLM2}
+
+
+@pytest.fixture(scope="session")
+def qwen_teacher() -> Path:
+    """builtin:qwen2.5-coder-0.5b-instruct's checkpoint: fetched (491 MB) and converted the first time, about 1 min."""
+    from opd.assets import ensure_builtin
+
+    return ensure_builtin("qwen2.5-coder-0.5b-instruct", machine_cache())
+
+
+@pytest.fixture(scope="session")
+def shared_ray() -> Iterator[str]:
+    """One Ray cluster for the session's runs that kill nothing: each joins it as a job (`ray.address`) instead of
+    starting and stopping a Ray of its own, about 10 s a run on 2 cores. A job's actors and placement groups end
+    with its driver, so runs stay apart; a test that kills processes or nodes starts its own cluster.
+
+    8 logical CPUs: the largest plan of a test that joins it (6, conf/smollm2_chat.yaml) fits, as on a local Ray,
+    which gets max(the plan's CPUs, the machine's cores).
+    """
+    port = free_port()
+    with ray_node("--head", f"--port={port}", "--num-cpus=8", "--num-gpus=0", "--include-dashboard=false"):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def cosine_run(tiny_assets, shared_ray, tmp_path_factory) -> tuple[Path, dict]:
+    """Output dir and summary of one run read by two tests: 4 rounds of 4 steps under a cosine schedule with warm-up,
+    two ZeRO-2 shards, a checkpoint every 2 rounds, the student exported after every round (`COSINE`). The export
+    test reads its exports; the resume test resumes a killed copy of it and compares."""
+    out = tmp_path_factory.mktemp("cosine") / "run"
+    return out, launch(checkpointed_overrides(tiny_assets, out, COSINE), ray_address=shared_ray)

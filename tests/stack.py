@@ -2,25 +2,91 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from opd import checkpoint
 from opd.monitoring import SUMMARY_LINE
 
 ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+RAY_ENV = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+"""Token auth off: every node of a test cluster is this machine (a real cluster keeps it on)."""
 
 
-def launch(overrides: list[str], timeout: int = 1500) -> dict:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_node(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Iterator[None]:
+    """`ray start ARGS --block` in a session of its own, killed with everything it started on exit.
+
+    Not `ray stop`, which stops every Ray process on the machine: the suite's shared cluster, another test's.
+    """
+    env = dict(os.environ, **RAY_ENV, **(env or {}))
+    log = open(f"/tmp/ray-node-{os.getpid()}-{free_port()}.log", "w+")  # noqa: SIM115 (closed below)
+    # Ports Ray fixes by default (each node's dashboard agent on 52365, the head's client server on 10001) would
+    # collide with any other cluster on the machine, the suite's shared one or a run's own: each node gets free ones.
+    ports = [f"--dashboard-agent-listen-port={free_port()}"]
+    if "--head" in args:
+        ports.append(f"--ray-client-server-port={free_port()}")
+    cmd = [RAY, "start", *args, *ports, "--block", "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    try:
+        deadline = time.time() + timeout
+        while "will now block forever" not in Path(log.name).read_text():  # printed once the node is up
+            assert proc.poll() is None, f"ray start {' '.join(args)} failed:\n{Path(log.name).read_text()[-3000:]}"
+            assert time.time() < deadline, f"ray start {' '.join(args)} not up in {timeout:.0f}s"
+            time.sleep(0.2)
+        yield
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def http_server(handler: type) -> Iterator:
+    """`handler` (a BaseHTTPRequestHandler) served on 127.0.0.1 at a free port from a thread: a stand-in server."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`: Ray puts its workers in process groups of their own."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # after the name: state, ppid, pgrp, session
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+
+
+def launch(overrides: list[str], ray_address: str | None = None, timeout: int = 1500) -> dict:
+    """Run launch.py to the end and return its summary; on the cluster at `ray_address` (the `shared_ray` fixture)
+    when given, else on a Ray of its own."""
     env = dict(os.environ, WANDB_MODE="offline")
-    proc = subprocess.run(
-        [sys.executable, "launch.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    joins = [f"ray.address={ray_address}"] if ray_address else []
+    cmd = [sys.executable, "launch.py", *overrides, *joins]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1].startswith(SUMMARY_LINE)  # what README says the run ends with
     return summary_of(proc.stdout)
@@ -59,6 +125,25 @@ def stopped_after(proc: subprocess.Popen, out: Path, round_: int, timeout: float
     assert done is not None and checkpoint.load(done)["round"] < rounds, f"stopped too late, at {done}"
 
 
+def run_with_fault(args: list[str], out: Path, fault, round_: int = 2) -> tuple[dict, str]:
+    """Start launch.py, stop its driver once `round_` is checkpointed, call `fault(session_id)`, continue the
+    driver and return the finished run's summary and stdout. Stopped, the driver issues no call until the fault is
+    in place; a fault may continue it itself (SIGCONT) to let the run reach a given state first."""
+    proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stopped_after(proc, out, round_)
+        try:
+            fault(proc.pid)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-4000:]
+    return summary_of(stdout), stdout
+
+
 def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:
     return [
         f"student.model={assets['student']}",
@@ -82,4 +167,29 @@ def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:
         "eval.samples_per_prompt=8",
         "eval.every=3",
         f"output_dir={out}",
+    ]
+
+
+COSINE = (
+    "learner.lr_schedule=cosine",
+    "learner.warmup_steps=3",
+    "learner.min_lr_ratio=0.1",
+    "checkpoint.export_every=1",
+)
+"""A schedule that moves the lr at every step (a resumed run must pick it up at the checkpoint's step), and the
+student exported after every round."""
+
+
+def checkpointed_overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """4 rounds on one rollout worker and two ZeRO-2 shards, checkpointed and evaluated every 2 rounds: the runs
+    that are killed, resumed and faulted."""
+    return [
+        *tiny_overrides(assets, out),
+        "rollout.num_workers=1",
+        "learner.num_shards=2",
+        "learner.zero_stage=2",
+        "rounds=4",
+        "checkpoint.every=2",
+        "eval.every=2",
+        *extra,
     ]

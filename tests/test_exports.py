@@ -11,7 +11,6 @@ from opd import provenance
 from opd.config import load_config
 from opd.learner.lr_schedule import lr_at
 from opd.provenance import StudentCard
-from tests.stack import launch, tiny_overrides
 
 
 def test_student_card_writes_provenance_and_hashes_the_data_once(tiny_assets, tmp_path, monkeypatch):
@@ -33,28 +32,23 @@ def test_student_card_writes_provenance_and_hashes_the_data_once(tiny_assets, tm
     provenance._cached_sha256.cache_clear()
 
 
-SCHEDULE = ("learner.lr_schedule=cosine", "learner.warmup_steps=2", "learner.min_lr_ratio=0.1")
-
-
 @pytest.mark.integration
-def test_cosine_schedule_and_exports_every_round(tiny_assets, tmp_path):
-    """3 rounds of 4 optimizer steps under cosine with warm-up; the student written after every round."""
+def test_cosine_schedule_and_exports_every_round(cosine_run):
+    """4 rounds of 4 optimizer steps under cosine with warm-up; the student written after every round (conftest's
+    `cosine_run`, which the resume test also reads)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    overrides = [*tiny_overrides(tiny_assets, out), "rollout.num_workers=1", "learner.num_shards=2", "rounds=3"]
-    summary = launch([*overrides, *SCHEDULE, "checkpoint.export_every=1"])
-
-    steps, lr = 4, 1e-2  # learner.mini_batches and learner.lr of tiny_overrides
+    out, summary = cosine_run
+    steps, lr, rounds = 4, 1e-2, 4  # learner.mini_batches and learner.lr of tiny_overrides, and the run's rounds
     for r in summary["rounds"][1:]:  # a round logs the mean lr of its optimizer steps
         expected = [
-            lr_at(s, lr, 3 * steps, "cosine", 2, 0.1) for s in range((r["round"] - 1) * steps, r["round"] * steps)
+            lr_at(s, lr, rounds * steps, "cosine", 3, 0.1) for s in range((r["round"] - 1) * steps, r["round"] * steps)
         ]
         assert r["learner/lr"] == pytest.approx(sum(expected) / steps, rel=1e-12), r["round"]
     assert summary["rounds"][-1]["learner/lr"] < summary["rounds"][2]["learner/lr"]
 
-    exports = [out / f"student_round_{r}" for r in (1, 2, 3)]
+    exports = [out / f"student_round_{r}" for r in range(1, rounds + 1)]
     for path in exports:
         AutoModelForCausalLM.from_pretrained(path)
         record = json.loads((path / "provenance.json").read_text())
@@ -62,5 +56,5 @@ def test_cosine_schedule_and_exports_every_round(tiny_assets, tmp_path):
         assert record["config"]["checkpoint"]["export_every"] == 1
     weights = [load_file(str(p / "model.safetensors")) for p in [*exports, Path(summary["final"]["student_path"])]]
     assert any(not (weights[0][k] == weights[1][k]).all() for k in weights[0])  # round 2 trained on
-    assert all((weights[2][k] == weights[3][k]).all() for k in weights[2])  # round 3's export is the final student
+    assert all((weights[-2][k] == weights[-1][k]).all() for k in weights[-2])  # the last export is the final student
     assert (Path(summary["final"]["student_path"]) / "provenance.json").is_file()

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def on_policy_run(tiny_assets, tmp_path_factory):
+def on_policy_run(tiny_assets, tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("run")
     overrides = [*tiny_overrides(tiny_assets, out), "rollout.num_workers=2", "learner.num_shards=2"]
-    summary = launch([*overrides, "learner.zero_stage=3", "rounds=6"])
+    summary = launch([*overrides, "learner.zero_stage=3", "rounds=6"], ray_address=shared_ray)
     return out, summary
 
 
@@ -85,7 +85,7 @@ if __name__ == "__main__":
     assert lines["CHANGED"] == "True"
 
 
-def test_offline_kd_baseline_runs_with_a_transformers_teacher(tiny_assets, tmp_path):
+def test_offline_kd_baseline_runs_with_a_transformers_teacher(tiny_assets, tmp_path, shared_ray):
     overrides = tiny_overrides(tiny_assets, tmp_path)
     summary = launch(
         [
@@ -97,7 +97,8 @@ def test_offline_kd_baseline_runs_with_a_transformers_teacher(tiny_assets, tmp_p
             "learner.num_shards=1",
             "learner.zero_stage=1",
             "rounds=3",
-        ]
+        ],
+        ray_address=shared_ray,
     )
     rounds = summary["rounds"][1:]
     assert all(r["learner/sft_nll"] > 0 for r in rounds)
@@ -105,7 +106,7 @@ def test_offline_kd_baseline_runs_with_a_transformers_teacher(tiny_assets, tmp_p
     assert summary["final"]["teacher_tokens"] == sum(r["train/response_tokens"] * 64 for r in rounds)
 
 
-def test_two_teachers_of_different_sizes_are_combined(tiny_assets, tmp_path):
+def test_two_teachers_of_different_sizes_are_combined(tiny_assets, tmp_path, shared_ray):
     """Both teachers score every sample; the student moves towards their mixture."""
     teachers = (
         f"teachers=[{{name: small, model: {tiny_assets['teacher']}, weight: 1.0}},"
@@ -113,7 +114,8 @@ def test_two_teachers_of_different_sizes_are_combined(tiny_assets, tmp_path):
     )
     overrides = [o for o in tiny_overrides(tiny_assets, tmp_path) if not o.startswith("teachers.")]
     summary = launch(
-        [*overrides, teachers, "combine.rule=mixture", "rollout.num_workers=1", "learner.num_shards=1", "rounds=4"]
+        [*overrides, teachers, "combine.rule=mixture", "rollout.num_workers=1", "learner.num_shards=1", "rounds=4"],
+        ray_address=shared_ray,
     )
     rounds = summary["rounds"][1:]
     for r in rounds:  # both score all 64 samples; the signal share follows the weights 1:2
@@ -127,7 +129,7 @@ def test_two_teachers_of_different_sizes_are_combined(tiny_assets, tmp_path):
     [["loss.baseline=group", "loss.normalize_advantages=true"], ["loss.baseline=optimal"]],
     ids=["group", "optimal"],
 )
-def test_sampled_token_reverse_kl_learns(tiny_assets, tmp_path, shaping):
+def test_sampled_token_reverse_kl_learns(tiny_assets, tmp_path, shaping, shared_ray):
     """loss.type=reverse_kl end to end: the policy gradient on each token's own reward, less a baseline: the mean of
     the prompt's other samples at that position, normalised per round (the driver shapes it), or the student's
     variance-minimising constant at that position (the learner subtracts it); the held-out reverse KL falls
@@ -146,7 +148,8 @@ def test_sampled_token_reverse_kl_learns(tiny_assets, tmp_path, shaping):
             "rollout.num_workers=1",
             "learner.num_shards=1",
             "rounds=12",
-        ]
+        ],
+        ray_address=shared_ray,
     )
     rounds = summary["rounds"][1:]
     if "loss.normalize_advantages=true" in shaping:

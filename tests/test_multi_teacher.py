@@ -37,7 +37,7 @@ def rounds(summary: dict) -> list[dict]:
     return [r for r in summary["rounds"] if r["round"] >= 1]
 
 
-def test_product_of_experts_of_two_sizes_with_a_verifier(tiny_assets, tmp_path):
+def test_product_of_experts_of_two_sizes_with_a_verifier(tiny_assets, tmp_path, shared_ray):
     """Two teachers of different sizes as a weighted product of experts; the student's reverse KL to it falls."""
     summary = launch(
         [
@@ -50,7 +50,8 @@ def test_product_of_experts_of_two_sizes_with_a_verifier(tiny_assets, tmp_path):
             "judge.kind=verifier",
             "judge.verifier=exact_answer",
             "rounds=4",
-        ]
+        ],
+        ray_address=shared_ray,
     )
     final = summary["final"]
     assert final["reverse_kl_after"] < final["reverse_kl_before"], final
@@ -65,7 +66,9 @@ def test_product_of_experts_of_two_sizes_with_a_verifier(tiny_assets, tmp_path):
     assert "big" in (student / "DISTILLATION.md").read_text()
 
 
-def test_route_by_domain_to_teachers_of_other_sizes_and_tokenizers_with_a_rubric_judge(tiny_assets, tmp_path):
+def test_route_by_domain_to_teachers_of_other_sizes_and_tokenizers_with_a_rubric_judge(
+    tiny_assets, tmp_path, shared_ray
+):
     """Each prompt goes to the teacher its `domain` names, one of them a GPT-2 with its own tokenizer (its signal
     is bridged through character offsets); a teacher judges every response with a rubric and filters."""
     names = ["small", "big", "other"]
@@ -89,7 +92,8 @@ def test_route_by_domain_to_teachers_of_other_sizes_and_tokenizers_with_a_rubric
             "judge.use=filter",
             "judge.min_score=0.0",
             "rounds=2",
-        ]
+        ],
+        ray_address=shared_ray,
     )
     for r in rounds(summary):
         assert sum(r[f"teachers/{n}_samples"] for n in names) == 64
@@ -102,7 +106,7 @@ def test_route_by_domain_to_teachers_of_other_sizes_and_tokenizers_with_a_rubric
         assert r["judge/filtered_fraction"] == pytest.approx(1.0 - r["judge/scored_fraction"])
 
 
-def test_best_of_picks_the_best_judged_teacher_per_prompt_and_corrects(tiny_assets, tmp_path):
+def test_best_of_picks_the_best_judged_teacher_per_prompt_and_corrects(tiny_assets, tmp_path, shared_ray):
     """Each teacher answers each prompt once, the verifier picks the better one, which scores the prompt's
     samples and rewrites each from its first unlikely token; samples are weighted by their judge score."""
     summary = launch(
@@ -120,7 +124,8 @@ def test_best_of_picks_the_best_judged_teacher_per_prompt_and_corrects(tiny_asse
             "correction.outside_top_k=false",
             "correction.threshold=-6",
             "rounds=3",
-        ]
+        ],
+        ray_address=shared_ray,
     )
     final = summary["final"]
     for r in rounds(summary):

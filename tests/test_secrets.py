@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import ClassVar
 
 import pytest
@@ -16,7 +15,7 @@ from opd.provenance import build_provenance
 from opd.secrets import REDACTED, safe_yaml, split_userinfo, without_userinfo
 from opd.teachers.pool import served_endpoint
 from opd.teachers.served import ServedClient, ServedTeacherError
-from tests.stack import ROOT
+from tests.stack import ROOT, http_server
 
 PASSWORD = "hunter2-s3cret"
 
@@ -98,10 +97,8 @@ class _Auth(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def auth_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Auth)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
+    with http_server(_Auth) as server:
+        yield server
 
 
 def test_credentials_in_a_served_url_become_basic_auth_and_errors_do_not_show_them(auth_server, monkeypatch):

@@ -4,8 +4,7 @@ retries against a local stub server (no vLLM)."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from opd.config.models import check_teachers
 from opd.licenses import license_problems
 from opd.teachers import served
 from opd.teachers.served import Endpoint, ServedClient, ServedTeacherError
+from tests.stack import http_server
 
 
 def _row(entries: dict[int, tuple[float, int]]) -> dict:
@@ -164,10 +164,8 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
+    with http_server(_Stub) as server:
+        yield server
 
 
 def test_the_client_retries_server_errors_and_fails_at_once_on_a_refused_request(stub, monkeypatch):

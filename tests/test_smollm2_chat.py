@@ -20,13 +20,14 @@ ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
-def chat_run(smollm2_assets, tmp_path_factory):
+def chat_run(smollm2_assets, tmp_path_factory, shared_ray):
     """The shipped config as a user runs it, on built-ins already in the session's cache, shortened for 2 cores."""
     out = tmp_path_factory.mktemp("smollm2_chat")
     cache = smollm2_assets[TEACHER].parents[1]  # <cache_dir>/<set>/<model>
     overrides = [f"cache_dir={cache}", "data.eval_size=8", "rollout.max_new_tokens=16"]
     summary = launch(
-        ["--config-name", "smollm2_chat", *overrides, f"rounds={ROUNDS}", f"eval.every={ROUNDS}", f"output_dir={out}"]
+        ["--config-name", "smollm2_chat", *overrides, f"rounds={ROUNDS}", f"eval.every={ROUNDS}", f"output_dir={out}"],
+        ray_address=shared_ray,
     )
     return out, summary
 

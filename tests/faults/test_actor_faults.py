@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.faults.test_resume import overrides
-from tests.stack import start, stopped_after, summary_of
+from tests.stack import checkpointed_overrides as overrides
+from tests.stack import run_with_fault
 
 pytestmark = pytest.mark.integration
 
@@ -21,25 +20,6 @@ def session_pids(sid: int, title: str) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True, check=True).stdout
     rows = (line.split(None, 2) for line in out.splitlines()[1:])
     return [int(pid) for pid, s, args in rows if int(s) == sid and args.startswith(title)]
-
-
-def run_with_fault(args: list[str], out: Path, fault) -> tuple[dict, str]:
-    """Start launch.py, stop its driver once round 2 is checkpointed, call `fault(session_id)`, continue the
-    driver and return the run's summary. Stopped, the driver issues no call until the fault is in place; a fault
-    may continue it itself (SIGCONT) to let the run reach a given state first."""
-    proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stopped_after(proc, out, 2)
-        try:
-            fault(proc.pid)
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
-        stdout, stderr = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-4000:]
-    return summary_of(stdout), stdout
 
 
 # async: the hung teacher is met by the feedback thread, which scores the next round while the controller learns.
@@ -53,7 +33,7 @@ def test_dead_rollout_worker_is_replaced_and_a_hung_teacher_restarted(tiny_asset
         *overrides(tiny_assets, out),
         "rounds=6",
         "checkpoint.every=1",
-        "faults.teacher_timeout_s=30",
+        "faults.teacher_timeout_s=10",  # a tiny teacher answers in well under a second; the restart waits apart
         f"pipeline.mode={mode}",
     ]
 

@@ -13,7 +13,7 @@ from tests.stack import ROOT, tiny_overrides
 pytestmark = pytest.mark.integration
 
 
-def test_nan_teacher_steps_are_skipped_then_the_run_stops_with_a_clear_message(tiny_assets, tmp_path):
+def test_nan_teacher_steps_are_skipped_then_the_run_stops_with_a_clear_message(tiny_assets, tmp_path, shared_ray):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,6 +32,7 @@ def test_nan_teacher_steps_are_skipped_then_the_run_stops_with_a_clear_message(t
         "learner.num_shards=2",
         "faults.max_nonfinite_steps=2",
         "rounds=5",
+        f"ray.address={shared_ray}",
     ]
     env = dict(os.environ, WANDB_MODE="offline")
     proc = subprocess.run(

@@ -2,12 +2,18 @@
 
 Rounds are seeded by policy version and the controller's RNG, DeepSpeed restores optimizer state
 exactly, and vLLM samples per request seed, so resume-after-kill must match an uninterrupted run.
+
+One scenario kills a run for real. The others need only what such a kill leaves on disk, so they take it without a
+third run: the uninterrupted run is stopped (SIGSTOP) once the checkpoint is saved, its output directory copied as
+it stands (what a SIGKILL at that moment would leave: nothing the stopped driver has not written reaches the disk),
+and continued; the copy is resumed. Two runs a scenario instead of three.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -15,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from opd.buffer import spill
-from tests.stack import launch, start, stopped_after, tiny_overrides
+from tests.stack import COSINE, launch, run_with_fault, start, stopped_after
+from tests.stack import checkpointed_overrides as overrides
 
 pytestmark = pytest.mark.integration
 
@@ -41,23 +48,6 @@ ASYNC_SHARDED = (
 )
 
 
-# A schedule that moves the lr at every step: the resumed run must pick it up at the checkpoint's step.
-COSINE = ("learner.lr_schedule=cosine", "learner.warmup_steps=3", "learner.min_lr_ratio=0.1")
-
-
-def overrides(assets: dict[str, Path], out: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    return [
-        *tiny_overrides(assets, out),
-        "rollout.num_workers=1",
-        "learner.num_shards=2",
-        "learner.zero_stage=2",
-        "rounds=4",
-        "checkpoint.every=2",
-        "eval.every=2",
-        *extra,
-    ]
-
-
 def killed_after_checkpoint(args: list[str], out: Path, round_: int) -> None:
     """Run launch.py and SIGKILL its whole process group (driver, Ray, actors, engines) once `round_` is saved."""
     with open(out.parent / f"{out.name}-killed.log", "w") as log:
@@ -67,6 +57,13 @@ def killed_after_checkpoint(args: list[str], out: Path, round_: int) -> None:
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def copied_after_checkpoint(args: list[str], out: Path, round_: int, copy: Path) -> dict:
+    """Run launch.py to the end, copying its output directory to `copy` while the driver is stopped right after
+    `round_` is saved (the state a kill then would leave); returns the finished run's summary."""
+    summary, _ = run_with_fault(args, out, lambda sid: shutil.copytree(out, copy, symlinks=True), round_)
+    return summary
 
 
 def weights(path: str) -> dict:
@@ -84,30 +81,40 @@ def lists(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, list)}
 
 
-@pytest.mark.parametrize("extra", [(), ASYNC_SHARDED, COSINE], ids=["sync", "async-sharded-buffer", "sync-cosine-lr"])
-def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path, extra):
-    straight = launch(overrides(tiny_assets, tmp_path / "straight", extra))
+def test_resume_after_kill_matches_an_uninterrupted_run(cosine_run, tiny_assets, tmp_path, shared_ray):
+    """The whole run is killed for real after its round-2 checkpoint. Under a cosine schedule that moves the lr at
+    every step, so the resumed run must also pick the schedule up at the checkpoint's step; every round's student is
+    exported (conftest's `cosine_run`, the uninterrupted run, is shared with the export test)."""
+    _, straight = cosine_run
+    lrs = [r["learner/lr"] for r in straight["rounds"][1:]]  # 4 rounds of 4 steps: warm-up, then decay
+    assert lrs[1] > lrs[2] > lrs[3] and lrs[0] < lrs[1]  # learner/lr is compared with the rest below
 
     out = tmp_path / "crashed"
-    killed_after_checkpoint(overrides(tiny_assets, out, extra), out, round_=2)
+    killed_after_checkpoint(overrides(tiny_assets, out, COSINE), out, round_=2)
     assert not list((out / "checkpoints").glob("*.tmp")) or (out / "checkpoints" / "round_000002").exists()
-    if extra is ASYNC_SHARDED:
-        saved = out / "checkpoints" / "round_000002"
-        waiting = [spill.load(f) for f in sorted((saved / "buffer").glob("shard_*.safetensors"))]
-        assert len(waiting) == 2 and sum(map(len, waiting)) > 0
-        ahead, generated = spill.load(saved / "ahead.safetensors"), spill.load(saved / "generated.safetensors")
-        assert len(ahead) == len(generated) == 64
-        assert all(s.teacher_logprobs is not None and s.judge_score is not None for s in ahead)
-        assert all(s.teacher_logprobs is None for s in generated)
-        assert {s.version for s in ahead} == {1} and {s.version for s in generated} == {2}
-        for r in straight["rounds"][1:]:  # each step trains on 32 samples, counted by the lag they were used at
-            assert sum(v for k, v in r.items() if k.startswith("buffer/used_at_lag_")) == 32
-            assert r["correction/rate"] > 0 and r["judge/scored_fraction"] == 1
-    if extra is COSINE:  # 4 rounds of 4 steps: warm-up, then decay; learner/lr is compared with the rest below
-        lrs = [r["learner/lr"] for r in straight["rounds"][1:]]
-        assert lrs[1] > lrs[2] > lrs[3] and lrs[0] < lrs[1]
-    resumed = launch([*overrides(tiny_assets, out, extra), "resume=auto"])
+    resumed = launch([*overrides(tiny_assets, out, COSINE), "resume=auto"], ray_address=shared_ray)
     assert_resumed_like_straight(straight, resumed, out, kept=["round_000002", "round_000004"])
+
+
+def test_async_sharded_buffer_is_checkpointed_with_its_waiting_samples_and_resumes_exactly(
+    tiny_assets, tmp_path, shared_ray
+):
+    out, copy = tmp_path / "run", tmp_path / "copy"
+    args = [*overrides(tiny_assets, out, ASYNC_SHARDED), f"ray.address={shared_ray}"]
+    straight = copied_after_checkpoint(args, out, 2, copy)
+    saved = copy / "checkpoints" / "round_000002"
+    waiting = [spill.load(f) for f in sorted((saved / "buffer").glob("shard_*.safetensors"))]
+    assert len(waiting) == 2 and sum(map(len, waiting)) > 0
+    ahead, generated = spill.load(saved / "ahead.safetensors"), spill.load(saved / "generated.safetensors")
+    assert len(ahead) == len(generated) == 64
+    assert all(s.teacher_logprobs is not None and s.judge_score is not None for s in ahead)
+    assert all(s.teacher_logprobs is None for s in generated)
+    assert {s.version for s in ahead} == {1} and {s.version for s in generated} == {2}
+    for r in straight["rounds"][1:]:  # each step trains on 32 samples, counted by the lag they were used at
+        assert sum(v for k, v in r.items() if k.startswith("buffer/used_at_lag_")) == 32
+        assert r["correction/rate"] > 0 and r["judge/scored_fraction"] == 1
+    resumed = launch([*overrides(tiny_assets, copy, ASYNC_SHARDED), "resume=auto"], ray_address=shared_ray)
+    assert_resumed_like_straight(straight, resumed, copy, kept=["round_000002", "round_000004"])
 
 
 # pipeline.depth=2: generation runs two rounds ahead of learning, so a checkpoint holds the next round scored
@@ -115,16 +122,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_assets, tmp_path, e
 ASYNC_DEEP = ("pipeline.mode=async", "pipeline.depth=2", "learner.mini_batches=1", "buffer.max_staleness=2", "rounds=5")
 
 
-def test_async_depth_two_trains_two_rounds_behind_and_resumes_exactly(tiny_assets, tmp_path):
-    straight = launch(overrides(tiny_assets, tmp_path / "straight", ASYNC_DEEP))
+def test_async_depth_two_trains_two_rounds_behind_and_resumes_exactly(tiny_assets, tmp_path, shared_ray):
+    out, copy = tmp_path / "run", tmp_path / "copy"
+    args = [*overrides(tiny_assets, out, ASYNC_DEEP), f"ray.address={shared_ray}"]
+    straight = copied_after_checkpoint(args, out, 2, copy)
     used = [{k: v for k, v in r.items() if k.startswith("buffer/used_at_lag_")} for r in straight["rounds"][1:]]
     # round 1 is generated in turn, rounds 2 and 3 before the first sync, the rest two syncs before they learn
     lags = [0, 1, 2, 2, 2]
     assert used == [{f"buffer/used_at_lag_{lag}": 64.0} for lag in lags]
 
-    out = tmp_path / "crashed"
-    killed_after_checkpoint(overrides(tiny_assets, out, ASYNC_DEEP), out, round_=2)
-    saved = out / "checkpoints" / "round_000002"
+    saved = copy / "checkpoints" / "round_000002"
     ahead, generated = spill.load(saved / "ahead.safetensors"), spill.load(saved / "generated.safetensors")
     assert [s.version for s in ahead] == [0] * 64 and all(s.teacher_logprobs is not None for s in ahead)
     assert [s.version for s in generated] == [1] * 64 + [2] * 64  # rounds 4 and 5, unscored
@@ -132,8 +139,8 @@ def test_async_depth_two_trains_two_rounds_behind_and_resumes_exactly(tiny_asset
     state = json.loads((saved / "controller.json").read_text())
     assert [len(prompts) for prompts in state["generated"]] == [16, 16]
 
-    resumed = launch([*overrides(tiny_assets, out, ASYNC_DEEP), "resume=auto"])
-    assert_resumed_like_straight(straight, resumed, out, kept=["round_000004", "round_000005"])
+    resumed = launch([*overrides(tiny_assets, copy, ASYNC_DEEP), "resume=auto"], ray_address=shared_ray)
+    assert_resumed_like_straight(straight, resumed, copy, kept=["round_000004", "round_000005"])
 
 
 def assert_resumed_like_straight(straight: dict, resumed: dict, out: Path, kept: list[str]) -> None:
