@@ -61,13 +61,20 @@ def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     if args.multirun:
         return sweep(args.config_name, args.overrides, args.dry_run)
+    not_here: list[str] | None = [] if args.dry_run else None  # a dry run may check a cluster's config off it
     try:
-        cfg = load_config(args.config_name, args.overrides)
+        cfg = load_config(args.config_name, args.overrides, not_here)
         check_output_dir(cfg.output_dir, cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     if args.dry_run:
+        check_data(cfg)
+        unchecked = check_models(cfg)
         show(cfg)
+        for message in not_here or []:
+            print(f"not found here (fine if it exists where the run will run): {message}", flush=True)
+        for reference in unchecked:
+            print(f"not checked here: {reference}", flush=True)
         return {}
     summary = run(cfg)
     report(summary["final"])
@@ -93,6 +100,7 @@ def check_output_dir(output_dir: str, address: str | None) -> None:
 def run(cfg) -> dict:
     """One distillation run on a validated config; returns its summary."""
     from opd import checkpoint
+    from opd.catalog import BUILTIN
     from opd.data import DataError, load_prompts
     from opd.learner.group import LearnerDied
     from opd.provenance import StudentCard
@@ -109,23 +117,28 @@ def run(cfg) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
         f.write(safe_yaml(cfg))  # credentials replaced, as in every file a run writes
-    student = resolve(cfg.student.model, cfg.cache_dir)
-    # A served teacher's model is the name its server serves; what runs here reads its local tokenizer.
-    teachers = {t.name: resolve(t.tokenizer_path, cfg.cache_dir) for t in cfg.teachers}
-    eval_files = {name: resolve(path, cfg.cache_dir) for name, path in cfg.data.eval_sets().items()}
-    data_files = {"train": resolve(cfg.data.train, cfg.cache_dir)}
-    data_files |= {f"eval:{name}" if name else "eval": path for name, path in eval_files.items()}
+    # The prompts first, the user's files before built-in sets: a data error is reported before any built-in
+    # (models included: a set is built as one) is built, which takes minutes on a fresh machine.
+    sources = {"train": cfg.data.train} | {f"eval:{n}" if n else "eval": p for n, p in cfg.data.eval_sets().items()}
     data = cfg.data
     load = partial(load_prompts, on_error=data.on_error, prompt_key=data.prompt_key, answer_key=data.answer_key)
+    data_files, loaded = {}, {}
     try:
-        train, skipped_train = load(data_files["train"])
-        loaded = {name: load(path) for name, path in eval_files.items()}
+        for role, source in sorted(sources.items(), key=lambda item: item[1].startswith(BUILTIN)):
+            data_files[role] = resolve(source, cfg.cache_dir)
+            loaded[role] = load(data_files[role])
     except DataError as err:
         sys.exit(f"data error: {err}")
+    data_files = {role: data_files[role] for role in sources}  # the config's order, for the provenance record
+    (train, skipped_train) = loaded.pop("train")
+    loaded = {role.partition(":")[2]: result for role, result in loaded.items()}
     evals = {name: prompts for name, (prompts, _) in loaded.items()}
     skipped_eval = sum(skipped for _, skipped in loaded.values())
     if skipped_train or skipped_eval:
         print(f"skipped {skipped_train} train and {skipped_eval} eval rows (data.on_error=skip)", flush=True)
+    student = resolve(cfg.student.model, cfg.cache_dir)
+    # A served teacher's model is the name its server serves; what runs here reads its local tokenizer.
+    teachers = {t.name: resolve(t.tokenizer_path, cfg.cache_dir) for t in cfg.teachers}
 
     card = StudentCard(cfg, student, teachers, data_files, started)
     if resume is not None and (changed := checkpoint.changes(checkpoint.load(resume).get("inputs"), card.inputs())):
@@ -206,6 +219,61 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
     finally:
         monitor.close()
         ray.shutdown()  # also flushes actor logs, so nothing prints after the summary
+
+
+def check_data(cfg) -> None:
+    """What a dry run reads of the data: the first rows of every local prompt file, as the run would read them."""
+    from opd.catalog import BUILTIN
+    from opd.data import DataError, check_first_rows, source_problem
+
+    data = cfg.data
+    for key, source in {"data.train": data.train, **{f"data.eval {n}": p for n, p in data.eval_sets().items()}}.items():
+        if source.startswith(BUILTIN) or source_problem(source):
+            continue  # built-ins are opd's own; a path that is not here was reported already
+        try:
+            check_first_rows(source, data.prompt_key, data.answer_key)
+        except DataError as err:
+            sys.exit(f"data error: {key}: {err}")
+
+
+def check_models(cfg) -> list[str]:
+    """What a dry run checks of the models that are here (local checkpoints and built-ins already in the cache):
+    the same checks a run makes before starting any actor (top-k against the vocabulary, vLLM's CPU head sizes,
+    teachers that another tokenizer makes incompatible with the combine rule, the eval verifier). Returns the models
+    it could not check, each with the reason."""
+    from opd.catalog import BUILTIN, lookup
+    from opd.compat import IncompatibleModels, check_cpu_attention, check_top_k, cross_tokenizer_teachers
+    from opd.config import ConfigError
+    from opd.startup import eval_verifier_name, resolve_verifier
+
+    unchecked: list[str] = []
+
+    def here(reference: str) -> str | None:
+        entry = lookup(reference)
+        path = os.path.join(cfg.cache_dir, entry.group, entry.path) if entry else reference
+        found = os.path.isfile(os.path.join(path, "config.json"))
+        if not found:
+            what = (
+                "a built-in, built when the run starts" if reference.startswith(BUILTIN) else "not a local checkpoint"
+            )
+            unchecked.append(f"{reference} ({what})")
+        return path if found else None
+
+    try:
+        resolve_verifier("eval.verifier", eval_verifier_name(cfg))
+        student = here(cfg.student.model)
+        teachers = {t.name: path for t in cfg.teachers if t.backend != "openai" and (path := here(t.model))}
+        if student is None:
+            return unchecked
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(student)
+        check_top_k(cfg.loss.top_k, len(tokenizer))
+        check_cpu_attention(cfg, student, teachers)
+        cross_tokenizer_teachers(tokenizer, teachers, cfg.combine.rule)
+    except (ConfigError, IncompatibleModels) as err:
+        sys.exit(f"error: {err}")
+    return unchecked
 
 
 def show(cfg) -> None:

@@ -61,7 +61,7 @@ def check_cpu_attention(cfg, student: str, teachers: dict[str, str]) -> None:
             "(the rollout engine is always vLLM)"
         )
     for i, t in enumerate(cfg.teachers):
-        if t.backend != "vllm" or t.gpus_per_replica > 0:
+        if t.backend != "vllm" or t.gpus_per_replica > 0 or t.name not in teachers:  # not given: a dry run
             continue
         if (size := head_size(teachers[t.name])) not in VLLM_CPU_HEAD_SIZES:
             problems.append(

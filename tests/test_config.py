@@ -286,3 +286,59 @@ def test_a_run_on_a_cluster_refuses_a_relative_output_dir(joins, tmp_path):
     assert proc.returncode != 0 and "is relative, but the run joins the Ray cluster at 10.0.0.1:6379" in proc.stderr
     proc = subprocess.run([*cmd, f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_dry_run_reads_the_first_rows_and_names_the_columns_when_the_prompt_column_is_missing(tmp_path):
+    rows = tmp_path / "q.jsonl"
+    rows.write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4"}\n')
+    cmd = [sys.executable, "launch.py", "--dry-run", f"data.train={rows}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "no `prompt` field (its columns: question, answer)" in message, message
+    assert "data.prompt_key=question" in message and "on_error" not in message
+    proc = subprocess.run([*cmd, "data.prompt_key=question"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_dry_run_off_the_cluster_reports_paths_not_here_as_warnings():
+    """A cluster's config names paths on its shared storage; the dry run here says so and checks the rest."""
+    cmd = [sys.executable, "launch.py", "--dry-run", "data.train=/shared/train.parquet", "student.model=/shared/qwen"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not found here (fine if it exists where the run will run): data.train=/shared/train.parquet" in proc.stdout
+    assert "student.model=/shared/qwen: no such directory" in proc.stdout
+    with pytest.raises(ConfigError, match=r"data\.train=/shared/train\.parquet: no such file"):
+        load_config("default", ["data.train=/shared/train.parquet"])  # a run itself still refuses it
+
+
+def test_a_data_error_comes_before_any_built_in_model_is_built(tmp_path):
+    rows = tmp_path / "bad.jsonl"
+    rows.write_text('{"prompt": "1+1="}\n{"prompt": 7}\n')
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "launch.py", f"data.train={rows}", f"cache_dir={cache}", f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"{rows}:2: `prompt` is not a string" in proc.stderr, proc.stderr[-2000:]
+    assert not cache.exists()  # builtin:addition-teacher and -student were not built
+
+
+def test_a_dry_run_checks_the_models_that_are_here(tiny_assets, tmp_path):
+    cmd = [sys.executable, "launch.py", "--dry-run", f"student.model={tiny_assets['student']}", f"cache_dir={tmp_path}"]
+    proc = subprocess.run([*cmd, "loss.top_k=100000"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "loss.top_k=100000 is larger than the student's vocabulary" in proc.stderr
+    proc = subprocess.run([*cmd, "eval.verifier=nope:fn"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "eval.verifier: verifier 'nope:fn': cannot import module 'nope'" in proc.stderr
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "not checked here: builtin:addition-teacher" in proc.stdout
+
+
+def test_a_derived_config_listing_its_teachers_keeps_what_the_base_said_of_each(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "base: default\nteachers:\n  - {name: big, model: org/big, gpus_per_replica: 1, replicas: 3, license: mit}\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "base: base\nteachers:\n  - {name: big, model: org/bigger}\n  - {name: new, model: org/new, license: mit}\n"
+    )
+    big, new = load_config(str(tmp_path / "child.yaml")).teachers
+    assert (big.model, big.gpus_per_replica, big.replicas, big.license) == ("org/bigger", 1, 3, "mit")
+    assert (new.name, new.gpus_per_replica, new.replicas) == ("new", 0, 1)  # a new name: as written

@@ -25,9 +25,16 @@ def _builtin_kind(value: str) -> str | None:
     return entry.kind if entry else None
 
 
-def check_paths(cfg: OPDConfig) -> None:
-    """Local paths must exist; `builtin:` names are built later; `org/name` may be a hub id."""
-    from opd.data.files import source_problem  # here: loading a config needs no jinja2 (opd.data imports it)
+def check_paths(cfg: OPDConfig, not_here: list[str] | None = None) -> None:
+    """Local paths must exist; `builtin:` names are built later; `org/name` may be a hub id. With `not_here` (a
+    dry run, maybe of a cluster's config off the cluster), a path that does not exist is noted there instead of
+    refused: it may exist where the run will run."""
+    from opd.data.files import NO_SUCH_FILE, source_problem  # here: a config needs no jinja2 (opd.data imports it)
+
+    def missing(message: str) -> None:
+        if not_here is None:
+            raise ConfigError(message)
+        not_here.append(message)
 
     models = {"student.model": cfg.student.model}
     models |= {f"teachers.{i}.model": t.model for i, t in enumerate(cfg.teachers) if t.backend != "openai"}
@@ -39,7 +46,7 @@ def check_paths(cfg: OPDConfig) -> None:
             if _builtin_kind(value) != "model":
                 raise ConfigError(f"{key}={value}: unknown built-in model; use one of {', '.join(names('model'))}")
         elif not Path(value).exists() and not _HUB_ID.match(value):
-            raise ConfigError(f"{key}={value}: no such directory, and not a hub id like org/name")
+            missing(f"{key}={value}: no such directory, and not a hub id like org/name")
         elif Path(value).exists() and not (Path(value) / "config.json").exists():
             raise ConfigError(f"{key}={value}: directory has no config.json, so it is not a model checkpoint")
     sources = {"data.train": cfg.data.train}
@@ -49,7 +56,10 @@ def check_paths(cfg: OPDConfig) -> None:
             if _builtin_kind(value) != "data":
                 raise ConfigError(f"{key}={value}: unknown built-in data; use one of {', '.join(names('data'))}")
         elif problem := source_problem(value):
-            raise ConfigError(f"{key}={value}: {problem}")
+            if problem == NO_SUCH_FILE:
+                missing(f"{key}={value}: {problem}")
+            else:
+                raise ConfigError(f"{key}={value}: {problem}")
     if cfg.data.chat_template not in ("auto", "none") and not Path(cfg.data.chat_template).is_file():
         raise ConfigError(f"data.chat_template={cfg.data.chat_template}: no such file (auto, none or a Jinja file)")
 
@@ -106,7 +116,19 @@ def load_yaml(path: Path, seen: tuple[Path, ...] = ()):
     parent = next((p for p in beside if p.is_file()), None) or resolve_config_file(str(base))
     if parent.resolve() in seen:
         raise ConfigError(f"{path}: base: {base} makes a cycle")
-    return OmegaConf.merge(load_yaml(parent, (*seen, path.resolve())), data)
+    inherited = load_yaml(parent, (*seen, path.resolve()))
+    return OmegaConf.merge(inherited, with_base_teachers(data, inherited))
+
+
+def with_base_teachers(data, base):
+    """`data` whose `teachers:` entries are merged with the base's entries of the same name: a derived config that
+    lists its teachers (to change one, or the set) keeps what the base said of each (GPUs, engine, licence) instead
+    of OmegaConf's whole-list replacement dropping it. Entries with a new name are taken as written."""
+    if "teachers" not in data or "teachers" not in base:
+        return data
+    by_name = {str(t.get("name")): t for t in base.teachers if OmegaConf.is_dict(t) and "name" in t}
+    merged = [OmegaConf.merge(by_name[str(t.name)], t) if t.get("name") in by_name else t for t in data.teachers]
+    return OmegaConf.merge(data, {"teachers": merged})
 
 
 def _shown(item: str) -> str:
@@ -124,8 +146,11 @@ def _named(err: Exception, source: str) -> ConfigError:
     return ConfigError(f"{key}: {str(err).splitlines()[0]} ({source})")
 
 
-def load_config(config_name: str = "default", overrides: list[str] | None = None) -> OPDConfig:
-    """Merge schema <- YAML <- `key=value` overrides, validate, and return plain dataclasses."""
+def load_config(
+    config_name: str = "default", overrides: list[str] | None = None, not_here: list[str] | None = None
+) -> OPDConfig:
+    """Merge schema <- YAML <- `key=value` overrides, validate, and return plain dataclasses. `not_here`: collect
+    local paths that do not exist instead of refusing them (`check_paths`)."""
     overrides = overrides or []
     for item in overrides:
         if "=" not in item:
@@ -159,7 +184,7 @@ def load_config(config_name: str = "default", overrides: list[str] | None = None
         key = getattr(err, "full_key", None) or "".join(re.findall(r"^([\w.]+)=", str(err))[:1])
         given = [item for item in overrides if key and item.split("=", 1)[0] == key]
         raise _named(err, f"override {_shown(given[-1])}" if given else f"config {path}") from None
-    check_paths(cfg)
+    check_paths(cfg, not_here)
     return cfg
 
 

@@ -43,7 +43,8 @@ class OPDConfig:
     """The model being distilled."""
     teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
     """The models distilled from, one entry each (`teachers.0.model=...`); the first also writes mode=offline's
-    samples and is the default judge."""
+    samples and is the default judge. A config built on another (`base:`) that lists teachers keeps, for each
+    entry named as in its base, what the base set (GPUs, replicas, licence) unless it sets it again."""
     combine: CombineConfig = field(default_factory=CombineConfig)
     """How several teachers' signals become one per sample."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)

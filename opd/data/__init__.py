@@ -6,7 +6,7 @@ them with the student's chat template, tokenizes and routes them; `answers` chec
 from opd.data.answers import final_answer, last_number_correct
 from opd.data.encoding import ChatFormat, Encoded, encode
 from opd.data.files import FORMATS, DataError, source_problem
-from opd.data.prompts import MAX_NAMED_SKIPS, ON_ERROR, Prompt, SkippedLine, load_prompts
+from opd.data.prompts import MAX_NAMED_SKIPS, ON_ERROR, Prompt, SkippedLine, check_first_rows, load_prompts
 
 __all__ = [
     "FORMATS",
@@ -17,6 +17,7 @@ __all__ = [
     "Encoded",
     "Prompt",
     "SkippedLine",
+    "check_first_rows",
     "encode",
     "final_answer",
     "last_number_correct",

@@ -60,11 +60,14 @@ def _saved_splits(path: Path) -> list[str] | None:
     return json.loads(index.read_text())["splits"] if index.is_file() else None
 
 
+NO_SUCH_FILE = "no such file or directory"
+
+
 def source_problem(source: str) -> str | None:
     """Why `source` cannot be a prompt file (without reading its rows), or None. Cheap: no pyarrow or datasets."""
     path, split = split_source(source)
     if not path.exists():
-        return "no such file or directory"
+        return NO_SUCH_FILE
     if path.is_dir():
         splits = _saved_splits(path)
         if splits is None:

@@ -8,6 +8,7 @@ then a total).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -84,7 +85,9 @@ def to_prompt(row: object, prompt_key: str, answer_key: str, unit: str) -> Promp
     if not isinstance(row, dict):
         return f"no `{prompt_key}` field (the {unit} is a JSON {json_type(row)}, not an object)"
     if prompt_key not in row:
-        return f"no `{prompt_key}` field"
+        text = [k for k, v in row.items() if isinstance(v, str | list)]
+        hint = f"; if the prompts are in one of them, data.prompt_key=<column> (e.g. data.prompt_key={text[0]})"
+        return f"no `{prompt_key}` field (its columns: {', '.join(map(str, row)) or 'none'}){hint if text else ''}"
     value, messages = row[prompt_key], ()
     if isinstance(value, list):
         parsed = _conversation(value, prompt_key)
@@ -119,7 +122,10 @@ def load_prompts(
         parsed = row.reason if isinstance(row, Unreadable) else to_prompt(row, prompt_key, answer_key, rows.unit)
         if isinstance(parsed, str):
             if on_error == "fail":
-                raise DataError(f"{rows.where(n)}: {parsed} (set data.on_error=skip to skip such {rows.unit}s)")
+                # Skipping helps where some rows are good; where the first rows already fail (a prompt column that
+                # is not there), every row likely does, and skipping would leave nothing.
+                skip = f" (set data.on_error=skip to skip such {rows.unit}s)" if prompts else ""
+                raise DataError(f"{rows.where(n)}: {parsed}{skip}")
             skipped += 1
             if skipped <= MAX_NAMED_SKIPS:
                 warnings.warn(f"{rows.where(n)}: {parsed}; skipped (data.on_error=skip)", SkippedLine, stacklevel=2)
@@ -133,3 +139,17 @@ def load_prompts(
             raise DataError(f"{path}: no prompts ({empty})")
         raise DataError(f"{path}: no usable prompts ({skipped} {rows.unit}s skipped)")
     return prompts, skipped
+
+
+def check_first_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", rows: int = 20) -> None:
+    """Read the first `rows` rows of a prompt file as a run would (`--dry-run`): a DataError when none of them is a
+    prompt (a prompt column that is not there names the columns that are), before anything is built or started."""
+    read = read_rows(str(path))
+    reasons = []
+    for n, row in itertools.islice(read.items, rows):
+        parsed = row.reason if isinstance(row, Unreadable) else to_prompt(row, prompt_key, answer_key, read.unit)
+        if not isinstance(parsed, str):
+            return
+        reasons.append(f"{read.where(n)}: {parsed}")
+    if reasons:
+        raise DataError(f"none of the first {len(reasons)} {read.unit}s is a prompt; {reasons[0]}")
