@@ -68,13 +68,12 @@ def main(argv: list[str]) -> dict:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     if args.dry_run:
-        check_data(cfg)
-        unchecked = check_models(cfg)
+        unchecked = check_models(cfg, conversations=check_data(cfg))
         show(cfg)
         for message in not_here or []:
             print(f"not found here (fine if it exists where the run will run): {message}", flush=True)
-        for reference in unchecked:
-            print(f"not checked here: {reference}", flush=True)
+        for note in unchecked:
+            print(note, flush=True)
         return {}
     summary = run(cfg)
     report(summary["final"])
@@ -221,26 +220,29 @@ def attempt(cfg, student: str, teachers: dict[str, str], train: list, evals: dic
         ray.shutdown()  # also flushes actor logs, so nothing prints after the summary
 
 
-def check_data(cfg) -> None:
-    """What a dry run reads of the data: the first rows of every local prompt file, as the run would read them."""
+def check_data(cfg) -> bool:
+    """What a dry run reads of the data: the first rows of every local prompt file, as the run would read them.
+    Returns whether the training prompts are conversations (a chat template then matters)."""
     from opd.catalog import BUILTIN
     from opd.data import DataError, check_first_rows, source_problem
 
-    data = cfg.data
+    data, conversations = cfg.data, False
     for key, source in {"data.train": data.train, **{f"data.eval {n}": p for n, p in data.eval_sets().items()}}.items():
         if source.startswith(BUILTIN) or source_problem(source):
             continue  # built-ins are opd's own; a path that is not here was reported already
         try:
-            check_first_rows(source, data.prompt_key, data.answer_key)
+            first = check_first_rows(source, data.prompt_key, data.answer_key)
         except DataError as err:
             sys.exit(f"data error: {key}: {err}")
+        conversations |= key == "data.train" and bool(first.messages)
+    return conversations
 
 
-def check_models(cfg) -> list[str]:
+def check_models(cfg, conversations: bool = False) -> list[str]:
     """What a dry run checks of the models that are here (local checkpoints and built-ins already in the cache):
     the same checks a run makes before starting any actor (top-k against the vocabulary, vLLM's CPU head sizes,
     teachers that another tokenizer makes incompatible with the combine rule, the eval verifier). Returns the models
-    it could not check, each with the reason."""
+    it could not check, each with the reason, and what it warns of."""
     from opd.catalog import BUILTIN, lookup
     from opd.compat import IncompatibleModels, check_cpu_attention, check_top_k, cross_tokenizer_teachers
     from opd.config import ConfigError
@@ -256,7 +258,7 @@ def check_models(cfg) -> list[str]:
             what = (
                 "a built-in, built when the run starts" if reference.startswith(BUILTIN) else "not a local checkpoint"
             )
-            unchecked.append(f"{reference} ({what})")
+            unchecked.append(f"not checked here: {reference} ({what})")
         return path if found else None
 
     try:
@@ -269,6 +271,12 @@ def check_models(cfg) -> list[str]:
 
         tokenizer = AutoTokenizer.from_pretrained(student)
         check_top_k(cfg.loss.top_k, len(tokenizer))
+        if conversations and cfg.data.chat_template == "auto" and not getattr(tokenizer, "chat_template", None):
+            unchecked.append(
+                f"warning: the training prompts are conversations, but {cfg.student.model} has no chat "
+                "template, so the student would read each as its last user turn; set data.chat_template=FILE.jinja "
+                "(or data.chat_template=none to mean it)"
+            )
         check_cpu_attention(cfg, student, teachers)
         cross_tokenizer_teachers(tokenizer, teachers, cfg.combine.rule)
     except (ConfigError, IncompatibleModels) as err:

@@ -342,3 +342,13 @@ def test_a_derived_config_listing_its_teachers_keeps_what_the_base_said_of_each(
     big, new = load_config(str(tmp_path / "child.yaml")).teachers
     assert (big.model, big.gpus_per_replica, big.replicas, big.license) == ("org/bigger", 1, 3, "mit")
     assert (new.name, new.gpus_per_replica, new.replicas) == ("new", 0, 1)  # a new name: as written
+
+
+def test_a_dry_run_warns_when_conversations_meet_a_student_without_a_chat_template(tiny_assets, tmp_path):
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text('{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}\n')
+    cmd = [sys.executable, "launch.py", "--dry-run", f"data.train={rows}", f"student.model={tiny_assets['student']}"]
+    proc = subprocess.run([*cmd, f"cache_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: the training prompts are conversations, but" in proc.stdout
+    assert "has no chat template, so the student would read each as its last user turn" in proc.stdout

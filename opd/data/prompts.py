@@ -141,15 +141,18 @@ def load_prompts(
     return prompts, skipped
 
 
-def check_first_rows(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", rows: int = 20) -> None:
-    """Read the first `rows` rows of a prompt file as a run would (`--dry-run`): a DataError when none of them is a
-    prompt (a prompt column that is not there names the columns that are), before anything is built or started."""
+def check_first_rows(
+    path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", rows: int = 20
+) -> Prompt:
+    """Read the first `rows` rows of a prompt file as a run would (`--dry-run`) and return the first prompt: a
+    DataError when none of them is one (a prompt column that is not there names the columns that are)."""
     read = read_rows(str(path))
     reasons = []
     for n, row in itertools.islice(read.items, rows):
         parsed = row.reason if isinstance(row, Unreadable) else to_prompt(row, prompt_key, answer_key, read.unit)
         if not isinstance(parsed, str):
-            return
+            return parsed
         reasons.append(f"{read.where(n)}: {parsed}")
-    if reasons:
-        raise DataError(f"none of the first {len(reasons)} {read.unit}s is a prompt; {reasons[0]}")
+    raise DataError(
+        f"none of the first {len(reasons)} {read.unit}s is a prompt; {reasons[0]}" if reasons else "no rows"
+    )
