@@ -9,13 +9,13 @@ combine rules, buffer orders, built-ins) are read from the light modules that ow
     models.py    engines, student, teachers, combine, judge, correction, data
     training.py  rollout, learner, loss, buffer, eval, pipeline, checkpoint, faults, wandb, ray
     schema.py    OPDConfig and the rules across sections
-    load.py      load_config (schema <- YAML <- overrides), the path checks, to_yaml / to_dict
+    load.py      load_config (schema <- YAML <- overrides), the path checks, to_dict
     aliases.py   TRL's and verl's names for opd's keys: the docs' table and the "did you mean" of an unknown key
     reference.py docs/config.md, every key with its type, default and docstring: `python -m opd.config.reference`
 """
 
 from opd.config.base import ConfigError
-from opd.config.load import CONF_DIR, load_config, to_dict, to_yaml
+from opd.config.load import CONF_DIR, load_config, to_dict
 from opd.config.models import COMBINE_RULES, DataConfig, EngineConfig, TeacherConfig
 from opd.config.schema import OPDConfig
 from opd.config.training import FaultConfig, LossConfig
@@ -32,5 +32,4 @@ __all__ = [
     "TeacherConfig",
     "load_config",
     "to_dict",
-    "to_yaml",
 ]

@@ -188,9 +188,5 @@ def load_config(
     return cfg
 
 
-def to_yaml(cfg: OPDConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 def to_dict(cfg: OPDConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from opd.catalog import BUILTIN, from_scratch, lookup
 from opd.config.base import ConfigError, at_least_one, one_of
 from opd.licenses import LicenseWarning, license_problems
+from opd.secrets import split_userinfo
 from opd.teachers.combine import RULES, SELECTING
 
 COMBINE_RULES = (*RULES.names(), *SELECTING)
@@ -160,7 +161,7 @@ def check_served(i: int, t: TeacherConfig) -> None:
     parts = urllib.parse.urlsplit(t.url)
     credentials = bool(t.api_key_env or parts.username or parts.password)
     if credentials and parts.scheme == "http" and not _loopback(parts.hostname or ""):
-        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        url = split_userinfo(t.url)[0]
         raise ConfigError(
             f"teachers.{i}.url={url}: a key or password would cross the network in clear over http; use https "
             "(vLLM's --ssl-keyfile/--ssl-certfile, or a TLS proxy). Plain http is kept for loopback only"
