@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opd.devices import visible_devices_env, vllm_build
+
 
 class PlanError(ValueError):
-    """The cluster cannot hold the actors the config asks for."""
+    """The cluster cannot hold (or this install cannot run) the actors the config asks for."""
 
 
 @dataclass(frozen=True)
@@ -112,14 +114,15 @@ def reserve(cfg) -> dict:
 
 
 def slot(group, index: int) -> dict:
-    """Actor options placing an actor in bundle `index` of a placement group."""
+    """Actor options placing an actor in bundle `index` of a placement group; an actor whose bundle holds no GPU
+    starts with none visible (`devices.visible_devices_env`: Ray would leave it every GPU of its node).
+
+    Each role has bundles of its own, except colocated pairs, whose shared bundle holds GPUs for both."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return {
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=group, placement_group_bundle_index=index
-        )
-    }
+    hidden = visible_devices_env(group.bundle_specs[index].get("GPU", 0))
+    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+    return {"scheduling_strategy": strategy} | ({"runtime_env": {"env_vars": hidden}} if hidden else {})
 
 
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
@@ -130,14 +133,41 @@ back to the kernel on free) and never trim the heap. Read once, when a process s
 def actor_env(cfg) -> dict[str, str]:
     """Environment variables every actor's process starts with: `KEEP_FREED_MEMORY` when the config asks for it
     and the plan reserves no GPU (a GPU process's large tensors live in the device's own caching allocator, and its
-    host memory, e.g. weights staged while loading, should go back to the kernel)."""
-    return dict(KEEP_FREED_MEMORY) if cfg.ray.keep_freed_memory and needs(cfg)["GPU"] == 0 else {}
+    host memory, e.g. weights staged while loading, should go back to the kernel); GLOO_SOCKET_IFNAME when
+    `ray.gloo_socket_ifname` names the interface (else gloo's own pick, or the cluster's setting, stands)."""
+    env = dict(KEEP_FREED_MEMORY) if cfg.ray.keep_freed_memory and needs(cfg)["GPU"] == 0 else {}
+    return env | ({"GLOO_SOCKET_IFNAME": cfg.ray.gloo_socket_ifname} if cfg.ray.gloo_socket_ifname else {})
 
 
 def needs(cfg) -> dict[str, float]:
     """Total CPUs and GPUs the plan reserves."""
     rs = roles(cfg)
     return {"CPU": sum(r.count * r.cpus for r in rs), "GPU": sum(r.count * r.gpus for r in rs)}
+
+
+def cpu_vllm_roles(cfg) -> list[str]:
+    """The config keys that put a vLLM engine on CPU: rollout workers (always vLLM) or a backend=vllm teacher
+    reserving no GPU."""
+    keys = ["rollout.gpus_per_worker=0"] if cfg.rollout.gpus_per_worker == 0 else []
+    return keys + [
+        f"teachers.{i}.gpus_per_replica=0 (backend=vllm)"
+        for i, t in enumerate(cfg.teachers)
+        if t.backend == "vllm" and t.gpus_per_replica == 0
+    ]
+
+
+def check_vllm_build(cfg, build: str | None = None) -> None:
+    """A PlanError when the plan runs vLLM on CPU but the installed vLLM (`build`, default: this node's,
+    `devices.vllm_build`) targets a GPU: such a build has no CPU platform, and every engine would fail only after
+    the actors had started. Nodes of one cluster are assumed to share one image."""
+    build = build or vllm_build()
+    on_cpu = cpu_vllm_roles(cfg)
+    if on_cpu and build in ("cuda", "rocm"):
+        raise PlanError(
+            f"{', '.join(on_cpu)} runs vLLM on CPU, but the installed vLLM is a {build} build, which cannot: "
+            "reserve GPUs for those roles (a transformers teacher runs on CPU: teachers.N.backend=transformers), "
+            "or install vLLM's CPU build"
+        )
 
 
 def check_fit(cfg, available: dict[str, float]) -> None:

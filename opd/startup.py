@@ -1,8 +1,9 @@
 """Start a run: the checks that need the models, the placement plan, then every actor group, in order.
 
-Everything that can refuse the run (top-k larger than the vocabulary, tokenizers that cannot be mixed, a
-misspelt verifier, prompts with no room for a response) is checked here before any actor starts; then the
-groups come up (engines take a minute to load) and are handed to the `Controller`, which only runs rounds.
+Everything that can refuse the run (a GPU build of vLLM asked to run on CPU, top-k larger than the vocabulary,
+tokenizers that cannot be mixed, a misspelt verifier, prompts with no room for a response) is checked here before
+any actor starts; then the groups come up (engines take a minute to load) and are handed to the `Controller`,
+which only runs rounds.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def start(
     writes each saved student's provenance with `card`."""
     from transformers import AutoTokenizer
 
+    plan.check_vllm_build(cfg)
     tokenizer = AutoTokenizer.from_pretrained(student)
     check_top_k(cfg.loss.top_k, len(tokenizer))
     check_cpu_attention(cfg, student, teachers)

@@ -37,9 +37,8 @@ def test_auto_weight_sync_picks_nccl_only_for_whole_gpus():
     whole = ["rollout.gpus_per_worker=1", "learner.gpus_per_shard=1"]
     assert weight_backend(load_config("default", whole)) == "nccl"
     assert weight_backend(load_config("default", [*whole, "rollout.weight_sync=nccl"])) == "nccl"
-    assert weight_backend(load_config("default", ["rollout.gpus_per_worker=0.25", "learner.gpus_per_shard=0.25"])) == (
-        "gloo"
-    )
+    shared = ["rollout.gpus_per_worker=0.25", "learner.gpus_per_shard=0.25", "learner.num_shards=1"]
+    assert weight_backend(load_config("default", shared)) == "gloo"
     assert weight_backend(load_config("default", COLOCATED)) == "ipc"
     assert weight_backend(load_config("default")) == "gloo"
 

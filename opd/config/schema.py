@@ -209,6 +209,7 @@ def check_gpus(cfg: OPDConfig) -> None:
             f"{rollout.gpus_per_worker} and learner.gpus_per_shard={learner.gpus_per_shard} share GPUs; "
             "use weight_sync=auto"
         )
+    check_learner_gpus(rollout, learner)
     check_tensor_parallel(
         "rollout.engine.tensor_parallel_size", rollout.engine, "rollout.gpus_per_worker", rollout.gpus_per_worker
     )
@@ -220,6 +221,33 @@ def check_gpus(cfg: OPDConfig) -> None:
                 f"teachers.{i}.gpus_per_replica",
                 t.gpus_per_replica,
             )
+
+
+def check_learner_gpus(rollout: RolloutConfig, learner: LearnerConfig) -> None:
+    """A learner shard trains on one device: at most one GPU, and a GPU of its own when there are several shards.
+
+    Ray may place two fractional bundles on one GPU (PACK fills it first), and NCCL refuses two ranks of a group on
+    one GPU; colocated, each bundle holds a rollout worker's share plus a shard's, which must then add up to the
+    whole GPU. A share above 1 would reserve GPUs the shard never uses (it trains on its first).
+    """
+    gpus = learner.gpus_per_shard
+    if gpus > 1:
+        raise ConfigError(
+            f"learner.gpus_per_shard={gpus:g}: a shard trains on one GPU; use 1 and more learner.num_shards"
+        )
+    if learner.num_shards == 1 or gpus in (0, 1):
+        return
+    if not rollout.colocate:
+        raise ConfigError(
+            f"learner.gpus_per_shard={gpus:g} with learner.num_shards={learner.num_shards}: Ray may place two "
+            "shards on one GPU (NCCL refuses two ranks of a group on one GPU); use whole GPUs (1), or one shard"
+        )
+    if abs(rollout.gpus_per_worker + gpus - 1) > 1e-9:
+        raise ConfigError(
+            f"rollout.colocate with learner.num_shards={learner.num_shards}: rollout.gpus_per_worker="
+            f"{rollout.gpus_per_worker:g} + learner.gpus_per_shard={gpus:g} must be 1, so that each pair holds a "
+            "GPU of its own (Ray may place two smaller bundles, and their shards, on one GPU)"
+        )
 
 
 def check_tensor_parallel(key: str, engine: EngineConfig, gpus_key: str, gpus: float) -> None:

@@ -124,11 +124,12 @@ class LearnerConfig:
     """Clip the gradient's global norm to this before each optimizer step (DeepSpeed gradient_clipping); 0: no
     clipping."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
+    """torch.distributed backend: auto picks nccl when the shards reserve GPUs (gpus_per_shard > 0), else gloo."""
     bf16: bool = True
     """Train in bf16 on GPUs (CPU always trains in fp32)."""
     gpus_per_shard: float = 0
-    """GPUs each shard's actor reserves; 1 on a GPU cluster."""
+    """GPUs each shard's actor reserves: 0 (CPU) or 1 (a shard trains on one GPU); a fraction only for a single
+    shard, or colocated where the rollout worker's share makes up the rest of the GPU."""
     cpus_per_shard: float = 1
     """CPUs each shard's actor reserves in Ray."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -333,3 +334,8 @@ class RayConfig:
     """On a run that reserves no GPU, every actor's process keeps the memory it frees for reuse (glibc malloc:
     no mmap, no trimming) instead of handing each tensor over 32 MB back to the kernel and faulting it in again,
     zeroed, on the next step. A CPU step then stops paying page faults; a process stays at its high-water mark."""
+    gloo_socket_ifname: str = ""
+    """The network interface gloo connects over (GLOO_SOCKET_IFNAME in every actor, e.g. eth0): the learner's
+    process group on CPU and the gloo weight sync to the rollout workers. Needed on a multi-node cluster whose
+    hostnames resolve to addresses the other nodes cannot reach (127.0.1.1, a container bridge), where gloo would
+    otherwise stall. Empty: gloo uses the hostname's address, unless the cluster's environment sets the variable."""

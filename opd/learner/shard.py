@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from opd import devices
 from opd.buffer.sample import Sample
 from opd.learner import chunked, guard, lora, micro_batches, objective
 from opd.learner.batch import collate, first_scored
@@ -70,23 +71,32 @@ class LearnerShard(Placed):
         """Join the process group and build the DeepSpeed engine; `total_steps` (rounds x mini_batches) is the
         length the lr schedule spans."""
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank))
         os.environ.update(WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        cuda = torch.cuda.is_available()
-        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if cuda else "gloo")
-        deepspeed.init_distributed(dist_backend=backend)
+        # From what the shard reserved: CUDA visible to a 0-GPU shard is its node's, not its own.
+        gpus = self.cfg.gpus_per_shard
+        deepspeed.init_distributed(dist_backend=devices.learner_backend(self.cfg.backend, gpus))
         self.accum = math.ceil(samples_per_shard / self.cfg.micro_batch_size)
         ds_config = {
             "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
             "gradient_accumulation_steps": self.accum,
             "gradient_clipping": self.cfg.grad_clip,
             "zero_optimization": {"stage": self.cfg.zero_stage},
-            "bf16": {"enabled": cuda and self.cfg.bf16},
+            "bf16": {"enabled": devices.learner_bf16(self.cfg.bf16, gpus)},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
+        # A shard sharing its GPU loads after (or before) the engines there, never while one profiles its memory.
+        with devices.one_start_per_gpu(devices.assigned_gpus()):
+            self.engine = self.build_engine(ds_config, total_steps)
+        return self.rank
+
+    def build_engine(self, ds_config: dict, total_steps: int):
+        """The student (with LoRA adapters if configured), its AdamW and lr schedule, wrapped by DeepSpeed."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         if self.cfg.zero_stage == 3:
             # Keeps ds_config alive so from_pretrained partitions while loading (zero.Init):
             # a model larger than one device never materialises whole.
@@ -112,8 +122,8 @@ class LearnerShard(Placed):
             min_lr_ratio=self.cfg.min_lr_ratio,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optim, factor)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=scheduler, config=ds_config)
-        return self.rank
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=scheduler, config=ds_config)
+        return engine
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """One optimizer step on this shard's slice: its micro-batches (`micro_batches.split`), then DeepSpeed's

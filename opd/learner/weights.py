@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 from vllm.distributed.weight_transfer import ParamMeta, WeightSource
+from vllm.distributed.weight_transfer.base import layerwise_groups
 
 from opd.learner.lora import ADAPTER, base_name, is_adapter
 
@@ -23,7 +24,11 @@ class ZeroWeightSource(WeightSource):
         self.params = dict(module.named_parameters())
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.params.items()]
+        """Every parameter in send order: the layer groups', which iteration follows. vLLM's NCCL receiver takes
+        the tensors in this order, and `named_parameters` may differ from it (layerwise_groups puts un-indexed
+        weights registered between layers after them, and layers in index order)."""
+        ordered = [(n, self.params[n]) for group in layerwise_groups(list(self.params)) for n in group]
+        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in ordered]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for names, tensors in self.iter_groups():

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from opd import devices
+
 
 @dataclass
 class Scored:
@@ -102,17 +104,18 @@ def make_llm(model: str, engine, seed: int, **extra):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine.cpu_in_process else "1"
-    return LLM(
-        model=model,
-        dtype=engine.dtype,
-        enforce_eager=engine.enforce_eager,
-        gpu_memory_utilization=engine.gpu_memory_utilization,
-        max_model_len=engine.max_model_len,
-        tensor_parallel_size=engine.tensor_parallel_size,
-        seed=seed,
-        generation_config="vllm",
-        **extra,
-    )
+    with devices.one_start_per_gpu(devices.assigned_gpus()):  # engines sharing a GPU start one at a time
+        return LLM(
+            model=model,
+            dtype=engine.dtype,
+            enforce_eager=engine.enforce_eager,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            max_model_len=engine.max_model_len,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            seed=seed,
+            generation_config="vllm",
+            **extra,
+        )
 
 
 def request_seeds(seed: int | None, count: int) -> list[int | None]:
