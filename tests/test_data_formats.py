@@ -12,7 +12,7 @@ import re
 import pytest
 
 from opd.config import ConfigError, load_config
-from opd.data import DataError, SkippedLine, load_prompts
+from opd.data import DataError, DuplicatePrompts, SkippedLine, load_prompts
 
 ROWS = [{"prompt": "1+2=", "answer": "3", "domain": "math"}, {"prompt": "2+2=", "answer": None, "domain": "chat"}]
 CHATS = [
@@ -109,6 +109,40 @@ def test_missing_prompt_column_names_the_key_and_row(tmp_path, fmt):
     path = writer(tmp_path / name, [{"text": "1+2="}])
     with pytest.raises(DataError, match=rf"^{where(path, fmt, 1)}: no `question` field"):
         load_prompts(path, prompt_key="question")
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet", "datasets"])
+def test_a_prompt_over_the_size_limit_is_named_by_file_and_row(tmp_path, monkeypatch, fmt):
+    from opd.data import files
+
+    monkeypatch.setattr(files, "MAX_ROW_BYTES", 100)
+    name, writer = WRITERS[fmt]
+    path = writer(tmp_path / name, [*ROWS, {"prompt": "1+" * 50 + "1=", "answer": None, "domain": "x"}])
+    with pytest.raises(DataError, match=rf"^{where(path, fmt, 3)}: `prompt` is over 100 characters"):
+        load_prompts(path)
+    with pytest.warns(SkippedLine, match=rf"^{where(path, fmt, 3)}: `prompt` is over 100 characters"):
+        assert load_prompts(path, on_error="skip")[1] == 1
+
+
+def test_a_conversation_over_the_size_limit_counts_every_message(tmp_path, monkeypatch):
+    from opd.data import files
+
+    monkeypatch.setattr(files, "MAX_ROW_BYTES", 100)
+    turns = [{"role": "system", "content": "x" * 60}, {"role": "user", "content": "y" * 44 + "1+2="}]  # 108
+    path = write_parquet(tmp_path / "p.parquet", [*CHATS, {"prompt": turns}, {"prompt": turns[-1:]}])
+    with pytest.raises(DataError, match=rf"^{where(path, 'parquet', 3)}: `prompt` is over 100 characters"):
+        load_prompts(path)
+    turns[0]["content"] = "x" * 40
+    assert len(load_prompts(write_parquet(tmp_path / "q.parquet", [{"prompt": turns}]))[0]) == 1
+
+
+@pytest.mark.parametrize("fmt", WRITERS)
+def test_repeated_prompts_are_named_in_every_format(tmp_path, fmt):
+    name, writer = WRITERS[fmt]
+    path = writer(tmp_path / name, [*ROWS, ROWS[0]])
+    first = rf"the first: {where(path, fmt, 3)}, the same as {where(path, fmt, 1)}"
+    with pytest.warns(DuplicatePrompts, match=rf"repeated prompts: 1 \({first}\)"):
+        assert len(load_prompts(path)[0]) == 3
 
 
 def test_json_rows_must_be_objects_in_an_array(tmp_path):

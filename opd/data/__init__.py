@@ -6,7 +6,16 @@ them with the student's chat template, tokenizes and routes them; `answers` chec
 from opd.data.answers import final_answer, last_number_correct
 from opd.data.encoding import ChatFormat, Encoded, encode
 from opd.data.files import FORMATS, DataError, source_problem
-from opd.data.prompts import MAX_NAMED_SKIPS, ON_ERROR, Prompt, SkippedLine, check_first_rows, load_prompts
+from opd.data.prompts import (
+    MAX_NAMED_SKIPS,
+    ON_ERROR,
+    DuplicatePrompts,
+    Prompt,
+    SkippedLine,
+    check_first_rows,
+    load_prompts,
+    repeats,
+)
 
 __all__ = [
     "FORMATS",
@@ -14,6 +23,7 @@ __all__ = [
     "ON_ERROR",
     "ChatFormat",
     "DataError",
+    "DuplicatePrompts",
     "Encoded",
     "Prompt",
     "SkippedLine",
@@ -22,5 +32,6 @@ __all__ = [
     "final_answer",
     "last_number_correct",
     "load_prompts",
+    "repeats",
     "source_problem",
 ]

@@ -102,6 +102,35 @@ class ChatFormat:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
 
+def where(prompt: Prompt, source: str) -> str:
+    """`file:line` or `file row N` of a prompt, for messages (its position among `source`'s when not read from one)."""
+    return prompt.where or (f"{source}:{prompt.line}" if prompt.line > 0 else f"{source}: prompt #{prompt.index + 1}")
+
+
+def fitting(
+    ids: Callable[[Prompt], list[int]], prompts: list[Prompt], limit: int, source: str, on_error: str, why: str
+) -> tuple[list[tuple[Prompt, list[int]]], int]:
+    """Each prompt of at most `limit` tokens (as `ids` renders it) with its ids, and how many were longer.
+
+    A longer prompt is a `DataError` naming file and row, the length and `why` (the limit and what raises it), or
+    skipped and counted with `data.on_error=skip`; one `ids` cannot render is always an error. The one length check
+    of prompts, whatever context they must fit: the student's engine's (`encode`) or a served teacher's.
+    """
+    out, skipped = [], 0
+    for p in prompts:
+        try:
+            rendered = ids(p)
+        except DataError as err:
+            raise DataError(f"{where(p, source)}: {err}") from None
+        if len(rendered) <= limit:
+            out.append((p, rendered))
+        elif on_error == "skip":
+            skipped += 1
+        else:
+            raise DataError(f"{where(p, source)}: prompt is {len(rendered)} tokens; {why}")
+    return out, skipped
+
+
 def encode(
     tokenizer,
     prompts: list[Prompt],
@@ -121,26 +150,17 @@ def encode(
         from opd.config import DataConfig
 
         data = DataConfig()
-    chat = ChatFormat(tokenizer, data)
-    out, skipped = [], 0
-    for p in prompts:
-        where = p.where or (f"{source}:{p.line}" if p.line > 0 else f"{source}: prompt #{p.index + 1}")
-        try:
-            ids = chat.ids(p)
-        except DataError as err:
-            raise DataError(f"{where}: {err}") from None
-        if len(ids) > limit:
-            if on_error == "skip":
-                skipped += 1
-                continue
-            raise DataError(
-                f"{where}: prompt is {len(ids)} tokens; with rollout.max_new_tokens the limit is {limit} "
-                "(raise rollout.engine.max_model_len, shorten it, or set data.on_error=skip)"
-            )
+    why = (
+        f"with rollout.max_new_tokens the limit is {limit} "
+        "(raise rollout.engine.max_model_len, shorten it, or set data.on_error=skip)"
+    )
+    fit, skipped = fitting(ChatFormat(tokenizer, data).ids, prompts, limit, source, on_error, why)
+    out = []
+    for p, ids in fit:
         try:
             teacher = route(p) if route else None
         except ValueError as err:
-            raise DataError(f"{where}: {err}") from None
+            raise DataError(f"{where(p, source)}: {err}") from None
         out.append(Encoded(p, ids, teacher))
     if not out:
         raise DataError(f"{source}: no prompt fits the context ({skipped} too long)")

@@ -17,6 +17,10 @@ from pathlib import Path
 FORMATS = ".jsonl, .json, .parquet, or a directory written by datasets' save_to_disk (PATH:SPLIT for a DatasetDict)"
 BATCH_ROWS = 1024
 """Rows converted to Python objects at a time from Parquet and Arrow (a whole table at once would double memory)."""
+MAX_ROW_BYTES = 16 * 2**20
+"""The longest JSONL line (bytes) and the longest prompt of the other formats (characters). Far above any real
+prompt; what is longer is a file that is not one JSON object per line (e.g. a JSON array on one line), and reading
+it whole could take all the driver's memory, so a line is read at most this much at a time."""
 
 
 class DataError(ValueError):
@@ -116,9 +120,20 @@ def _decode_line(raw: bytes) -> object:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """Blank lines are not rows; a UTF-8 byte-order mark on the first line and Windows line endings are accepted."""
+    """Blank lines are not rows; a UTF-8 byte-order mark on the first line and Windows line endings are accepted.
+
+    A line longer than `MAX_ROW_BYTES` is `Unreadable`, and read past in pieces of that size, never whole.
+    """
+    limit = MAX_ROW_BYTES
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while raw := f.readline(limit + 1):
+            lineno += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                while (rest := f.readline(limit)) and not rest.endswith(b"\n"):
+                    pass
+                yield lineno, Unreadable(f"the line is over {limit:,} bytes; is the file one JSON object per line?")
+                continue
             if lineno == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():

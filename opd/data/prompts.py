@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import opd.data.files as files
 from opd.data.files import DataError, Unreadable, json_type, read_rows
 
 ON_ERROR = ("skip", "fail")
@@ -23,6 +24,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 class SkippedLine(UserWarning):
     """A prompt-file row skipped under data.on_error=skip (the message names file, line or row, and reason)."""
+
+
+class DuplicatePrompts(UserWarning):
+    """A prompt file repeats prompts (the message counts them and names the first). They are kept, since a repeat
+    can be on purpose (to weigh a prompt more), but an accidental one skews training unnoticed."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,24 @@ def to_prompt(row: object, prompt_key: str, answer_key: str, unit: str) -> Promp
         return f"`{prompt_key}` is empty"
     elif problem := _unicode_problem(value):
         return f"`{prompt_key}` is {problem}"
+    if (sum(len(m["content"]) for m in messages) if messages else len(value)) > files.MAX_ROW_BYTES:
+        return f"`{prompt_key}` is over {files.MAX_ROW_BYTES:,} characters"
     answer = row.get(answer_key)
     rest = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
     return Prompt(-1, value, None if answer is None else str(answer), rest, messages=messages)
+
+
+def repeats(prompts: list[Prompt]) -> list[tuple[Prompt, Prompt]]:
+    """Each prompt that repeats an earlier one (the same conversation as the student reads it), with that one."""
+    first: dict[tuple, Prompt] = {}
+    out = []
+    for p in prompts:
+        key = tuple((m["role"], m["content"]) for m in p.conversation)
+        if key in first:
+            out.append((p, first[key]))
+        else:
+            first[key] = p
+    return out
 
 
 def load_prompts(
@@ -138,6 +159,14 @@ def load_prompts(
             empty = "the file is empty or has only blank lines" if rows.unit == "line" else "the file has no rows"
             raise DataError(f"{path}: no prompts ({empty})")
         raise DataError(f"{path}: no usable prompts ({skipped} {rows.unit}s skipped)")
+    if repeated := repeats(prompts):
+        again, first = repeated[0]
+        warnings.warn(
+            f"{path}: repeated prompts: {len(repeated)} (the first: {again.where}, the same as {first.where}); "
+            "kept, as a repeat may be on purpose",
+            DuplicatePrompts,
+            stacklevel=2,
+        )
     return prompts, skipped
 
 

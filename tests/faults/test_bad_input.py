@@ -151,6 +151,57 @@ def test_prompt_keeps_its_line_and_other_fields(tmp_path):
     assert Prompt(0, "x").line == -1
 
 
+# -- oversized lines and repeated prompts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_line_over_the_size_limit_is_named_without_being_read_whole(tmp_path, monkeypatch, on_error):
+    import tracemalloc
+
+    from opd.data import files
+
+    monkeypatch.setattr(files, "MAX_ROW_BYTES", 4096)
+    huge = b'{"prompt": "' + b"1+" * 4_000_000 + b'1="}\n'  # 8 MB on one line
+    path = write(tmp_path, GOOD + huge + b'{"prompt": "3+3="}\n')
+    tracemalloc.start()
+    try:
+        if on_error == "fail":
+            with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: the line is over 4,096 bytes"):
+                load_prompts(path, on_error=on_error)
+        else:
+            with pytest.warns(SkippedLine, match=rf"^{re.escape(str(path))}:3: the line is over 4,096 bytes"):
+                prompts, skipped = load_prompts(path, on_error=on_error)
+            assert skipped == 1 and [(p.text, p.line) for p in prompts][-1] == ("3+3=", 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # read in pieces of the limit, never the 8 MB line
+
+
+def test_a_line_just_within_the_size_limit_is_read(tmp_path, monkeypatch):
+    from opd.data import files
+
+    line = b'{"prompt": "1+1="}'
+    monkeypatch.setattr(files, "MAX_ROW_BYTES", len(line))
+    path = write(tmp_path, line + b"\n" + line.replace(b"1+1", b"2+2"))  # the last line without a newline
+    assert [p.line for p in load_prompts(path)[0]] == [1, 2]
+    monkeypatch.setattr(files, "MAX_ROW_BYTES", len(line) - 1)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:1: the line is over"):
+        load_prompts(path)
+
+
+def test_repeated_prompts_are_kept_counted_and_the_first_named(tmp_path):
+    from opd.data import DuplicatePrompts
+
+    path = write(tmp_path, GOOD + b'{"prompt": "3+3="}\n\n{"prompt": "2+2=", "answer": "4"}\n' + GOOD)
+    where = re.escape(str(path))
+    with pytest.warns(
+        DuplicatePrompts, match=rf"^{where}: repeated prompts: 3 \(the first: {where}:5, the same as {where}:2\); kept"
+    ) as caught:
+        prompts, _ = load_prompts(path)
+    assert len(caught) == 1 and len(prompts) == 6
+
+
 # -- prompts longer than the context ---------------------------------------------------------------
 
 
