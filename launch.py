@@ -100,10 +100,12 @@ def run(cfg) -> dict:
     """One distillation run on a validated config; returns its summary."""
     from opd import checkpoint
     from opd.catalog import BUILTIN
-    from opd.data import DataError, load_prompts
+    from opd.config import ConfigError
+    from opd.data import DataError, load_prompts, repeats
     from opd.learner.group import LearnerDied
     from opd.provenance import StudentCard
     from opd.secrets import safe_yaml
+    from opd.teachers.context import fit_served_teachers
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if cfg.resume not in (None, "auto"):
@@ -133,11 +135,24 @@ def run(cfg) -> dict:
     loaded = {role.partition(":")[2]: result for role, result in loaded.items()}
     evals = {name: prompts for name, (prompts, _) in loaded.items()}
     skipped_eval = sum(skipped for _, skipped in loaded.values())
-    if skipped_train or skipped_eval:
-        print(f"skipped {skipped_train} train and {skipped_eval} eval rows (data.on_error=skip)", flush=True)
+    repeated = len(repeats(train))
+    if skipped_train or skipped_eval or repeated:
+        print(
+            f"{len(train)} train prompts, {repeated} repeating an earlier one (kept); "
+            f"skipped {skipped_train} train and {skipped_eval} eval rows (data.on_error=skip)",
+            flush=True,
+        )
     student = resolve(cfg.student.model, cfg.cache_dir)
     # A served teacher's model is the name its server serves; what runs here reads its local tokenizer.
     teachers = {t.name: resolve(t.tokenizer_path, cfg.cache_dir) for t in cfg.teachers}
+    try:
+        train, evals, too_long = fit_served_teachers(cfg, student, teachers, train, evals)
+    except DataError as err:
+        sys.exit(f"data error: {err}")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    if too_long:
+        print(f"skipped {too_long} prompts too long for a served teacher's context (data.on_error=skip)", flush=True)
 
     card = StudentCard(cfg, student, teachers, data_files, started)
     if resume is not None and (changed := checkpoint.changes(checkpoint.load(resume).get("inputs"), card.inputs())):

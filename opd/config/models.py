@@ -82,6 +82,10 @@ class TeacherConfig:
     itself is read on the driver when the run starts and never written to config, logs or provenance."""
     max_concurrency: int = 4
     """backend=openai: requests each replica keeps in flight."""
+    request_timeout_s: float = 120.0
+    """backend=openai: how long one HTTP request may take before it is given up and retried. Separate from
+    faults.teacher_timeout_s, the deadline of a whole teacher call of many requests: a request stuck on a dropped
+    connection is retried within the call instead of using up the call's whole time."""
     weight: float = 1.0
     """Its share when a merging combine.rule (mean_logprob, mixture) merges several teachers' signals, normalised
     over the teachers scoring the sample; 0: it scores only samples routed to it."""
@@ -153,6 +157,8 @@ def check_served(i: int, t: TeacherConfig) -> None:
         )
     if t.max_concurrency < 1:
         raise ConfigError(f"teachers.{i}.max_concurrency={t.max_concurrency} must be >= 1")
+    if t.request_timeout_s <= 0:
+        raise ConfigError(f"teachers.{i}.request_timeout_s={t.request_timeout_s} must be > 0")
     if t.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t.api_key_env):
         raise ConfigError(
             f"teachers.{i}.api_key_env must be the NAME of an environment variable holding the key, not the key "

@@ -1,8 +1,9 @@
 """The teacher pool: named teachers, each with replicas, behind a few calls (score, generate, complete, correct).
 
 Failures stay inside the pool: a dead replica is restarted by Ray and its in-flight calls re-run there
-(`faults.max_restarts`); a call that hangs past `faults.teacher_timeout_s` gets its replicas restarted and
-is re-issued, up to `faults.teacher_retries` times; a teacher that still fails stops the run or, with
+(`faults.max_restarts`); a call that hangs past `faults.teacher_timeout_s` gets its replicas replaced by fresh
+actors (not restarted by Ray: a hang is not a crash, and must not use up the restarts a crash may need) and is
+re-issued, up to `faults.teacher_retries` times; a teacher that still fails stops the run or, with
 `faults.on_teacher_failure=drop`, leaves the pool with a loud warning while the others carry on. A served
 teacher (backend=openai) is a replica like any other: a dead server's calls fail and take the same path, each
 retry a little later than the last.
@@ -15,7 +16,8 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -36,10 +38,10 @@ RETRY_BACKOFF_S = 1.0
 """Wait before a teacher call's first retry, doubled for each further one."""
 
 
-def served_endpoint(t, timeout_s: float) -> Endpoint:
+def served_endpoint(t, deadline_s: float) -> Endpoint:
     """A served teacher's endpoint, its API key read here on the driver from the variable `api_key_env` names
     and basic-auth credentials taken out of its URL (both then travel only inside the endpoint, which never
-    prints them)."""
+    prints them). `deadline_s` bounds each call, the pool's own wait for it (faults.teacher_timeout_s)."""
     key = None
     if t.api_key_env:
         key = os.environ.get(t.api_key_env)
@@ -53,7 +55,7 @@ def served_endpoint(t, timeout_s: float) -> Endpoint:
             f"teacher {t.name!r}: url carries credentials and api_key_env names a key; use one (both would need "
             "the one Authorization header)"
         )
-    return Endpoint(url, t.model, key, t.max_concurrency, timeout_s, basic_auth=userinfo)
+    return Endpoint(url, t.model, key, t.max_concurrency, t.request_timeout_s, deadline_s, basic_auth=userinfo)
 
 
 class TeacherFailed(RuntimeError):
@@ -92,7 +94,8 @@ class TeacherPool:
 
         self.faults = faults
         self.lock = threading.RLock()
-        self.replicas: dict[str, list] = {}
+        self.starts: dict[str, list[Callable[[], Any]]] = {}
+        """Per teacher, how to start each replica: a hung one is replaced by a fresh actor with the same options."""
         for t in teachers:
             cpus, gpus = plan.teacher_resources(t)
             actor = ray.remote(
@@ -100,12 +103,12 @@ class TeacherPool:
             )(TeacherWorker)
             endpoint = served_endpoint(t, faults.teacher_timeout_s) if t.backend == "openai" else None
             path = t.tokenizer_path if endpoint else model_paths[t.name]
-            self.replicas[t.name] = [
-                actor.options(**plan.slot(groups[t.name], i)).remote(
-                    path, t.backend, engine_cfg, temperature, seed + i, student, top_k, data, endpoint
-                )
-                for i in range(t.replicas)
+            slots = [actor.options(**plan.slot(groups[t.name], i)) for i in range(t.replicas)]
+            self.starts[t.name] = [
+                partial(slot.remote, path, t.backend, engine_cfg, temperature, seed + i, student, top_k, data, endpoint)
+                for i, slot in enumerate(slots)
             ]
+        self.replicas: dict[str, list] = {name: [start() for start in starts] for name, starts in self.starts.items()}
         self.weights = {t.name: t.weight for t in teachers}
         # Selecting rules route every sample to one teacher, so nothing is ever merged.
         self.rule = None if combine.rule in SELECTING else RULES.get(combine.rule)
@@ -135,20 +138,25 @@ class TeacherPool:
             except (GetTimeoutError, RayActorError, RayTaskError) as err:
                 error = err
                 print(f"WARNING: teacher {name!r} call failed (attempt {attempt + 1}): {err!r:.300}", flush=True)
-                if isinstance(err, GetTimeoutError):  # a hung replica: restart it so the retry is not queued behind
-                    self._restart(name)
+                if isinstance(err, GetTimeoutError):  # a hung replica: replace it so the retry is not queued behind
+                    self._replace(name)
         raise TeacherFailed(name, f"teacher {name!r} failed {self.faults.teacher_retries + 1} times: {error!r:.300}")
 
-    def _restart(self, name: str) -> None:
-        """Kill a teacher's replicas (Ray restarts them) and wait until they have loaded again, so the
-        retry's timeout measures the call, not the engine start-up."""
-        reps = self.replicas[name]
-        for rep in reps:
-            ray.kill(rep, no_restart=False)
+    def _replace(self, name: str) -> None:
+        """Kill a hung teacher's replicas for good, start fresh ones with the same options and wait until they
+        have loaded, so the retry's timeout measures the call, not the engine start-up.
+
+        Not a Ray restart (`ray.kill(no_restart=False)`): that uses up one of the replica's lifetime
+        `faults.max_restarts`, and a teacher that hung that many times in a long run would die for good at its
+        next hang or crash. Fresh actors start with the full count, kept for crashes.
+        """
+        for rep in self.replicas[name]:
+            ray.kill(rep, no_restart=True)
+        self.replicas[name] = reps = [start() for start in self.starts[name]]
         try:
             ray.get([rep.ready.remote() for rep in reps], timeout=self.faults.restart_timeout_s)
         except (GetTimeoutError, RayActorError) as err:
-            raise TeacherFailed(name, f"teacher {name!r} did not come back after a restart: {err!r:.300}") from err
+            raise TeacherFailed(name, f"teacher {name!r} did not come back after being replaced: {err!r:.300}") from err
 
     def _call(self, name: str, method: str, columns: list[list], *args) -> list:
         def submit() -> list:
@@ -183,6 +191,7 @@ class TeacherPool:
         print(f"WARNING: teacher {name!r} dropped after repeated failures; continuing with {alive}", flush=True)
         self.names, self.dropped = alive, [*self.dropped, name]
         self.weights.pop(name, None)
+        del self.starts[name]
         for rep in self.replicas.pop(name):
             ray.kill(rep, no_restart=True)
         self.default = alive[0]

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from opd import devices
 from opd.config import DataConfig
 from opd.plan import Placed
 from opd.rollout import engine as vllm_engine
 from opd.teachers import hf
 from opd.teachers.align import TokenBridge
 from opd.teachers.prompts import TeacherPrompts
-from opd.teachers.served import Endpoint, ServedClient
+from opd.teachers.served import Endpoint, ServedClient, check_tokenizer, local_vocab_size
 
 
 class TeacherWorker(Placed):
@@ -50,18 +51,19 @@ class TeacherWorker(Placed):
         self.bridge = TokenBridge(AutoTokenizer.from_pretrained(student), self.tokenizer)
         self.prompts = TeacherPrompts(self.bridge, data)
         if backend == "openai":
-            self.client = ServedClient(endpoint)
+            self.client = ServedClient(endpoint, local_vocab_size(model))
             self.max_len = self.client.max_model_len() or self.tokenizer.model_max_length
+            check_tokenizer(endpoint, lambda text: self.tokenizer.encode(text, add_special_tokens=False), model)
         elif backend == "vllm":
             # vLLM refuses more prompt log-probs per token than max_logprobs (default 20).
             self.llm = vllm_engine.make_llm(model, engine_cfg, seed, max_logprobs=max(20, top_k))
             self.max_len = engine_cfg.max_model_len
         else:
-            import torch
             from transformers import AutoModelForCausalLM
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device).eval()
+            # On the GPUs Ray gave this replica (all of them when several), else the CPU.
+            device_map = devices.hf_device_map(len(devices.assigned_gpus()))
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype="auto", device_map=device_map).eval()
             config = self.model.config
             self.max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
 
