@@ -105,3 +105,22 @@ def cosine_run(tiny_assets, shared_ray, tmp_path_factory) -> tuple[Path, dict]:
     test reads its exports; the resume test resumes a killed copy of it and compares."""
     out = tmp_path_factory.mktemp("cosine") / "run"
     return out, launch(checkpointed_overrides(tiny_assets, out, COSINE), ray_address=shared_ray)
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--order",
+        default="file",
+        help="file (as collected), reverse, or shuffle:SEED: run the tests in another order, to check that none "
+        "depends on what ran before it (no plugin needed)",
+    )
+
+
+def pytest_collection_modifyitems(config, items: list) -> None:
+    order = config.getoption("--order")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("shuffle:"):
+        random.Random(int(order.removeprefix("shuffle:"))).shuffle(items)
+    elif order != "file":
+        raise pytest.UsageError(f"--order={order}: expected file, reverse or shuffle:SEED")
