@@ -16,7 +16,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -102,7 +104,6 @@ def run(cfg) -> dict:
     from opd.catalog import BUILTIN
     from opd.config import ConfigError
     from opd.data import DataError, load_prompts, repeats
-    from opd.learner.group import LearnerDied
     from opd.provenance import StudentCard
     from opd.secrets import safe_yaml
     from opd.teachers.context import fit_served_teachers
@@ -160,19 +161,27 @@ def run(cfg) -> dict:
             f"error: cannot resume from {resume}: it was written with other inputs ({'; '.join(changed)}), and "
             "the resumed run would not continue the same one. Restore them, or start afresh in another output_dir"
         )
-    restarts = cfg.faults.learner_resumes
+    once = partial(attempt, cfg, student, teachers, train, evals, card=card)
+    return resuming(once, resume, cfg.output_dir, cfg.faults.learner_resumes)
+
+
+def resuming(once: Callable[[Path | None], dict], resume: Path | None, output_dir: str, restarts: int) -> dict:
+    """`once(resume)`, started again `restarts` times from the newest checkpoint when a learner or replay-buffer
+    shard died: what it held is lost with it, and the checkpoint has it (with every other actor's state)."""
+    from opd import checkpoint
+    from opd.buffer.sharded import BufferDied
+    from opd.learner.group import LearnerDied
+
     while True:
         try:
-            summary = attempt(cfg, student, teachers, train, evals, resume, card)
-            break
-        except LearnerDied as err:
-            resume = checkpoint.latest(cfg.output_dir)
+            return once(resume)
+        except (LearnerDied, BufferDied) as err:
+            resume = checkpoint.latest(output_dir)
             if restarts == 0 or resume is None:
                 why = "no checkpoint to resume from (set checkpoint.every)" if resume is None else "no restarts left"
                 sys.exit(f"error: {err}; {why}")
             restarts -= 1
             print(f"{err}: restarting every actor from {resume}", flush=True)
-    return summary
 
 
 def driver_env_vars(defaults: dict[str, str]) -> dict[str, str]:

@@ -173,10 +173,10 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(rollout_group.ray, "kill", lambda actor, no_restart=True: None)
 
 
-def controller(cfg, kill_after: int | None = None) -> Controller:
+def controller(cfg, kill_after: int | None = None, learner: FakeLearner | None = None) -> Controller:
     train = [Encoded(Prompt(i, f"p{i}"), [i]) for i in range(PROMPTS)]
     rollout = FakeRollout(cfg, kill_after)
-    learner = FakeLearner()
+    learner = learner or FakeLearner()
     rollout.connect(learner)
     evaluator = SimpleNamespace(sets={"": []})
     buffer = Buffer(capacity=1000, max_staleness=8)

@@ -2,6 +2,8 @@
 
 Shards hold the samples off the driver and write their own checkpoint files in parallel, so neither the
 buffer's memory nor its checkpoint I/O goes through one process. With one shard this is the plain buffer.
+A shard that dies takes its samples with it: the call raises `BufferDied`, and the run restarts from its last
+checkpoint (launch.py), which holds every shard's samples.
 """
 
 from __future__ import annotations
@@ -12,6 +14,19 @@ import ray
 
 from opd.buffer.replay import ReplayBuffer
 from opd.buffer.sample import Sample, Samples
+
+
+class BufferDied(RuntimeError):
+    """A replay-buffer shard's actor died, and the samples it held with it: the run restarts from its last
+    checkpoint, as for a dead learner shard."""
+
+
+def gather(refs: list) -> list:
+    """ray.get for calls to the shards: one on a shard that died raises `BufferDied`."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as err:
+        raise BufferDied(f"a replay-buffer shard died ({type(err).__name__})") from err
 
 
 def shard_of(prompt_index: int, num_shards: int) -> int:
@@ -55,19 +70,19 @@ class ShardedBuffer:
         parts: list[list[Sample]] = [[] for _ in self.shards]
         for s in samples:
             parts[shard_of(s.prompt_index, len(self.shards))].append(s)
-        ray.get([shard.add.remote(Samples(p)) for shard, p in zip(self.shards, parts, strict=True) if p])
+        gather([shard.add.remote(Samples(p)) for shard, p in zip(self.shards, parts, strict=True) if p])
 
     def take(self, n: int, version: int) -> tuple[list[Sample], dict[str, float]]:
         """Up to n samples for a learner at `version`, drawn from the shards in proportion to their fill."""
-        sizes = ray.get([shard.size.remote() for shard in self.shards])
+        sizes = gather([shard.size.remote() for shard in self.shards])
         draws = zip(self.shards, quotas(n, sizes), strict=True)
-        results = ray.get([shard.take.remote(q, version) for shard, q in draws])
+        results = gather([shard.take.remote(q, version) for shard, q in draws])
         batch = [s for samples, _ in results for s in samples]
         return batch, merge_stats([stats for _, stats in results])
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        ray.get([shard.save.remote(str(folder / f"shard_{i:03d}.safetensors")) for i, shard in enumerate(self.shards)])
+        gather([shard.save.remote(str(folder / f"shard_{i:03d}.safetensors")) for i, shard in enumerate(self.shards)])
 
     def load(self, folder: Path) -> int:
         """Refill the shards from `save`'s files; the shard count must be the one the checkpoint was made with."""
@@ -77,4 +92,4 @@ class ShardedBuffer:
                 f"{folder} holds {len(files)} buffer shards but buffer.num_shards={len(self.shards)}: "
                 "resume with the shard count the run was started with"
             )
-        return sum(ray.get([shard.load.remote(str(f)) for shard, f in zip(self.shards, files, strict=True)]))
+        return sum(gather([shard.load.remote(str(f)) for shard, f in zip(self.shards, files, strict=True)]))

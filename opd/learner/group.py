@@ -46,15 +46,19 @@ def gather(refs: list, shards: list) -> list:
     the dead one; waiting for all of them would hang until the collective's timeout. The first failure may
     be a survivor's (its collective's peer is gone: e.g. gloo's "Connection reset by peer") rather than the
     dead shard's, so any other error is raised as itself only once every shard is seen alive.
+
+    A RayTaskError was raised by the shard's own code, so the shard lived, even when it is a RayActorError too (Ray
+    makes it one when its cause is): mid weight sync, a rollout worker that rank 0 sent to died, which the rollout
+    group replaces (`RolloutGroup.sync_weights`) without a learner restart.
     """
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         try:
             ray.get(ready)
-        except ray.exceptions.RayActorError as err:
-            raise LearnerDied(f"a learner shard died ({type(err).__name__})") from err
         except Exception as err:
+            if isinstance(err, ray.exceptions.RayActorError) and not isinstance(err, ray.exceptions.RayTaskError):
+                raise LearnerDied(f"a learner shard died ({type(err).__name__})") from err
             if any_dead([s.__ray_ready__.remote() for s in shards], PING_TIMEOUT_S):
                 raise LearnerDied(f"a learner shard died ({type(err).__name__} on a survivor first)") from err
             raise
@@ -102,6 +106,8 @@ class LearnerGroup:
         ]
         address, port = self.rendezvous()
         self.on_all("setup", address, port, samples_per_step // n, total_steps)
+        self.step = 0
+        """The shards' step (the policy version), counted here: every `train_step` is one."""
 
     def on_all(self, method: str, *args) -> list:
         """`method(*args)` called on every shard; their results in rank order (see `gather`)."""
@@ -123,6 +129,7 @@ class LearnerGroup:
             for s, p in zip(self.shards, chunks(mb, n), strict=True)
         ]
         results = gather(refs, self.shards)
+        self.step += len(mini_batches)
         return [mean_metrics(results[i * n : (i + 1) * n]) for i in range(len(mini_batches))]
 
     def connect_rollout(self, rollout_handles: list, ranks_per_engine: int, backend: str) -> None:
@@ -138,7 +145,8 @@ class LearnerGroup:
         self.on_all("save_state", path)
 
     def load_state(self, path: str) -> int:
-        return self.on_all("load_state", path)[0]
+        self.step = self.on_all("load_state", path)[0]
+        return self.step
 
     def save(self, path: str) -> None:
         self.on_all("save", path)

@@ -1,7 +1,8 @@
 """The rollout workers as one group: spawn, launch, collect (with restart and re-issue), replace, weight sync.
 
-The weight-transfer group spans the learner's rank 0 and every rollout engine, so one dead worker means
-the whole group is replaced, reconnected to the learner and sent its weights before any request is re-issued.
+The weight-transfer group spans the learner's rank 0 and every rollout engine, so one dead worker, found while
+generating or while syncing, means the whole group is replaced, reconnected to the learner and sent its weights
+before any request is re-issued.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ray
 from opd import plan
 from opd.buffer.sample import Sample
 from opd.data import Encoded
+from opd.learner.group import PING_TIMEOUT_S, any_dead
 from opd.partition import chunks
 from opd.rollout.worker import RolloutWorker
 
@@ -46,6 +48,8 @@ class RolloutGroup:
         self.cfg, self.student, self.backend, self.placement = cfg, student, backend, placement
         self.restarts = 0
         self.learner = None
+        self.pushed: dict[str, float] | None = None
+        """The last push's figures (its `version` is the learner step the workers hold)."""
         self.workers = self.spawn()
 
     def spawn(self) -> list:
@@ -67,17 +71,34 @@ class RolloutGroup:
         learner.connect_rollout(self.workers, self.cfg.rollout.engine.tensor_parallel_size, self.backend)
 
     def sync_weights(self) -> dict[str, float]:
-        """Push the learner's weights to every worker, replacing the group first if a worker died (a broadcast
-        to a dead peer would hang until the collective times out)."""
+        """The learner's weights on every worker; the figures of the push that put them there.
+
+        A worker found dead first (a broadcast to a dead peer would hang until the collective times out), or
+        by a push that failed, has the group replaced, and the replacement's push is the sync. Workers that hold
+        the learner's step already (async replaces a group after the learner's step, in `before_sync`) are sent
+        nothing again.
+        """
         try:
             self.ready(timeout=120)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            self.replace()
-        return self.learner.send_weights()
+            return self.replace()
+        if self.pushed is not None and self.pushed["version"] == self.learner.step:
+            return self.pushed
+        try:
+            return self.push()
+        except ray.exceptions.RayTaskError:  # the learner's send failed, the learner alive (else LearnerDied)
+            if not any_dead([w.ready.remote() for w in self.workers], PING_TIMEOUT_S):
+                raise
+        return self.replace()
 
-    def replace(self) -> None:
+    def push(self) -> dict[str, float]:
+        """`learner.send_weights`, remembered: a sync with nothing learned since sends nothing."""
+        self.pushed = self.learner.send_weights()
+        return self.pushed
+
+    def replace(self) -> dict[str, float]:
         """Replace every worker after one died, reconnect the learner and push its current weights (in async
-        the learner has stepped since the last sync: the workers take up its version)."""
+        the learner has stepped since the last sync: the workers take up its version); the push's figures."""
         self.restarts += 1
         print(f"WARNING: a rollout worker died; restarting the rollout group (restart {self.restarts})", flush=True)
         for w in self.workers:
@@ -85,7 +106,7 @@ class RolloutGroup:
         self.workers = self.spawn()
         self.ready()
         self.connect(self.learner)
-        self.learner.send_weights()
+        return self.push()
 
     def sleep(self) -> None:
         """Colocated: hand the shared GPUs to the learner."""

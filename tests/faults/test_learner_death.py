@@ -6,7 +6,7 @@ No Ray: `ray.wait`/`ray.get` are replaced by a script of which result arrives wh
 from __future__ import annotations
 
 import pytest
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorDiedError, RayTaskError
 
 from opd.learner import group
 from opd.learner.group import LearnerDied, any_dead, gather
@@ -95,6 +95,16 @@ def test_an_error_with_every_shard_alive_but_busy_stays_itself(monkeypatch):
     outcomes = {"s00": collective_error(), "s01": HANGS, "ping0": HANGS, "ping1": HANGS}
     with pytest.raises(RuntimeError, match="Connection reset"):
         run(monkeypatch, outcomes, arrival=["s00"])
+
+
+def test_a_rollout_worker_dying_under_a_live_shard_is_no_dead_learner(monkeypatch):
+    """Mid weight sync, rank 0's call to a dead rollout worker fails: the driver gets a RayTaskError that Ray also
+    makes an ActorDiedError. The shard raised it, so it is alive: the error stays itself for the rollout group."""
+    worker_died = RayTaskError("send_weights", "Traceback", ActorDiedError()).as_instanceof_cause()
+    outcomes = {"s00": worker_died, "s01": HANGS, "ping0": True, "ping1": HANGS}
+    with pytest.raises(ActorDiedError) as err:
+        run(monkeypatch, outcomes, arrival=["s00"])
+    assert err.value is worker_died
 
 
 def test_all_results_fine(monkeypatch):
