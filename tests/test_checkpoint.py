@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -57,6 +60,49 @@ def test_the_newest_checkpoint_that_loads_is_picked_and_a_broken_one_named(tmp_p
     reasons = [str(w.message) for w in caught]
     assert any("round_000003" in r and "learner's state is missing" in r for r in reasons)
     assert any("round_000002" in r and "does not load" in r for r in reasons)
+
+
+# A save killed for real (SIGKILL, nothing flushed or cleaned up) at each point of its writing: the learner's files
+# half written, the controller state written but nothing published, right after the rename that publishes it, while
+# the oldest is pruned. `keep=1`, so the prune point deletes the only earlier checkpoint.
+KILLED_SAVE = textwrap.dedent(
+    """
+    import os, shutil, signal, sys
+    from opd import checkpoint
+    out, point = sys.argv[1], sys.argv[2]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    def save(round_):
+        tmp = checkpoint.begin(out, round_)
+        (tmp / "learner").mkdir()
+        with open(tmp / "learner" / "state.pt", "w") as f:
+            f.write("weights")
+            if round_ == 2 and point == "learner":
+                f.flush()
+                die()
+        if round_ == 2 and point == "state":
+            checkpoint.publish = lambda staged, final: die()
+        if round_ == 2 and point == "rename":
+            replace = os.replace
+            os.replace = lambda a, b: (replace(a, b), die())
+        if round_ == 2 and point == "prune":
+            rmtree = shutil.rmtree
+            shutil.rmtree = lambda p, **kw: die() if "round_000001" in str(p) else rmtree(p, **kw)
+        checkpoint.commit(tmp, {"round": round_}, keep=1)
+    save(1)
+    save(2)
+    """
+)
+
+
+@pytest.mark.parametrize(("point", "survivor"), [("learner", 1), ("state", 1), ("rename", 2), ("prune", 2)])
+def test_a_save_killed_at_any_point_leaves_a_checkpoint_that_loads(tmp_path, point, survivor):
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path), point], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # it died at the point, not before or after
+    found = checkpoint.latest(tmp_path)
+    assert found is not None and checkpoint.load(found)["round"] == survivor
+    checkpoint.begin(tmp_path, 3)  # the next save clears what the killed one left half-written
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "round_000002.tmp" not in left and found.name in left
 
 
 def test_begin_clears_every_stale_tmp(tmp_path):

@@ -12,16 +12,16 @@ and continued; the copy is resumed. Two runs a scenario instead of three.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from opd import checkpoint
 from opd.buffer import spill
-from tests.stack import COSINE, launch, run_with_fault, start, stopped_after
+from tests.stack import COSINE, kill_session, launch, run_with_fault, start
 from tests.stack import checkpointed_overrides as overrides
 
 pytestmark = pytest.mark.integration
@@ -48,14 +48,21 @@ ASYNC_SHARDED = (
 )
 
 
-def killed_after_checkpoint(args: list[str], out: Path, round_: int) -> None:
-    """Run launch.py and SIGKILL its whole process group (driver, Ray, actors, engines) once `round_` is saved."""
+def killed_while_checkpointing(args: list[str], out: Path, round_: int) -> None:
+    """Run launch.py and SIGKILL every process of its session (driver, Ray, actors, engines) while the checkpoint
+    of `round_` is being written: its `.tmp` directory is there, the learner shards writing their ZeRO state into
+    it. (tests/test_checkpoint.py kills a save at each of its points; this is the whole stack.)"""
+    tmp = out / "checkpoints" / f"round_{round_:06d}.tmp"
     with open(out.parent / f"{out.name}-killed.log", "w") as log:
         proc = start(args, stdout=log, stderr=subprocess.STDOUT)
         try:
-            stopped_after(proc, out, round_)
+            deadline = time.time() + 900
+            while not tmp.exists():
+                assert proc.poll() is None, f"the run ended before writing round {round_}'s checkpoint"
+                assert time.time() < deadline, f"round {round_}'s checkpoint was not begun within 900s"
+                time.sleep(0.005)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             proc.wait()
 
 
@@ -82,18 +89,20 @@ def lists(row: dict) -> dict:
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(cosine_run, tiny_assets, tmp_path, shared_ray):
-    """The whole run is killed for real after its round-2 checkpoint. Under a cosine schedule that moves the lr at
-    every step, so the resumed run must also pick the schedule up at the checkpoint's step; every round's student is
-    exported (conftest's `cosine_run`, the uninterrupted run, is shared with the export test)."""
+    """The whole run is killed for real while it writes its round-4 checkpoint, and resumes from round 2's. Under a
+    cosine schedule that moves the lr at every step, so the resumed run must also pick the schedule up at the
+    checkpoint's step; every round's student is exported (conftest's `cosine_run`, the uninterrupted run, is shared
+    with the export test)."""
     _, straight = cosine_run
     lrs = [r["learner/lr"] for r in straight["rounds"][1:]]  # 4 rounds of 4 steps: warm-up, then decay
     assert lrs[1] > lrs[2] > lrs[3] and lrs[0] < lrs[1]  # learner/lr is compared with the rest below
 
     out = tmp_path / "crashed"
-    killed_after_checkpoint(overrides(tiny_assets, out, COSINE), out, round_=2)
-    assert not list((out / "checkpoints").glob("*.tmp")) or (out / "checkpoints" / "round_000002").exists()
+    killed_while_checkpointing(overrides(tiny_assets, out, COSINE), out, round_=4)
+    assert checkpoint.latest(out).name == "round_000002"  # the half-written round 4 is never picked
     resumed = launch([*overrides(tiny_assets, out, COSINE), "resume=auto"], ray_address=shared_ray)
     assert_resumed_like_straight(straight, resumed, out, kept=["round_000002", "round_000004"])
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the resumed run's first save cleared it
 
 
 def test_async_sharded_buffer_is_checkpointed_with_its_waiting_samples_and_resumes_exactly(
