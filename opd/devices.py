@@ -45,6 +45,18 @@ def hf_device_map(num_gpus: int) -> str | None:
     return "cuda:0" if num_gpus == 1 else "auto"
 
 
+def reserved_gpus() -> float:
+    """The GPUs this process's Ray actor reserved (a fraction of one, or several). A process outside any actor
+    reserved nothing and owns what it sees: 1 with a CUDA device, else 0."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    import torch
+
+    return float(torch.cuda.is_available())
+
+
 def assigned_gpus() -> list[str]:
     """The ids of the GPUs Ray assigned to this process (none outside a Ray actor)."""
     import ray

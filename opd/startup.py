@@ -1,9 +1,9 @@
 """Start a run: the checks that need the models, the placement plan, then every actor group, in order.
 
 Everything that can refuse the run (a GPU build of vLLM asked to run on CPU, top-k larger than the vocabulary,
-tokenizers that cannot be mixed, a misspelt verifier, prompts with no room for a response) is checked here before
-any actor starts; then the groups come up (engines take a minute to load) and are handed to the `Controller`,
-which only runs rounds.
+tokenizers that cannot be mixed, a misspelt verifier, prompts with no room for a response, an `output_dir` some
+node of the cluster does not see) is checked here before any actor starts; then the groups come up (engines take
+a minute to load) and are handed to the `Controller`, which only runs rounds.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from functools import partial
 
 import ray
 
-from opd import plan
+from opd import plan, shared_storage
 from opd.buffer.sharded import ShardedBuffer
 from opd.compat import check_cpu_attention, check_top_k, cross_tokenizer_teachers
 from opd.config import ConfigError, OPDConfig
@@ -85,6 +85,7 @@ def start(
 
     t0 = time.perf_counter()
     plan.check_fit(cfg, ray.cluster_resources())
+    shared_storage.check_cluster(cfg.output_dir)  # checkpoints are written from every learner rank's node
     print(plan.describe(cfg), flush=True)
     groups = plan.reserve(cfg)
     print(

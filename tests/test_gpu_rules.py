@@ -173,3 +173,140 @@ def test_a_weight_sync_past_its_deadline_aborts_the_transfer_group():
     assert stuck.aborted.is_set()
     done = SimpleNamespace(send_weights=lambda: None, shutdown=lambda: pytest.fail("aborted a finished sync"))
     send_within(done, 5)
+
+
+class _RecordingLLM:
+    """A vLLM `LLM` that records the calls a rollout worker makes on it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self.calls.append((name, *args, *sorted(kwargs.items())))
+
+
+def _worker(monkeypatch, colocate: bool):
+    from opd.rollout import worker
+
+    llm = _RecordingLLM()
+    monkeypatch.setattr(worker.vllm_engine, "make_llm", lambda *a, **kw: llm)
+    monkeypatch.setattr(worker.vllm_engine, "stop_token_ids", lambda model: [0])
+    monkeypatch.setattr(worker.vllm_engine, "sample", lambda llm, prompts, *a: [[] for _ in prompts])
+    return worker.RolloutWorker("m", EngineConfig(), "ipc", 0, colocate=colocate), llm
+
+
+def test_colocated_engines_discard_weights_and_wake_the_kv_cache_only_after_the_sync(monkeypatch):
+    """Level 2: the sync overwrites every weight, so level 1's GPU->CPU->GPU copy each round was wasted."""
+    w, llm = _worker(monkeypatch, colocate=True)
+    w.sleep()
+    w.wake_up()
+    with pytest.raises(RuntimeError, match="weight sync must follow"):
+        w.generate([[1]], [{}], 1, 4, 1.0, 0)
+    w.start_weight_update()
+    w.update_weights({"names": []})
+    w.finish_weight_update("3")
+    assert llm.calls == [
+        ("sleep", ("level", 2)),
+        ("wake_up", ("tags", ["weights"])),
+        ("start_weight_update",),
+        ("update_weights", {"update_info": {"names": []}}),
+        ("finish_weight_update", "3"),
+        ("wake_up", ("tags", ["kv_cache"])),
+        ("reset_prefix_cache",),
+    ]
+    assert w.version == 3 and w.generate([[1]], [{}], 1, 4, 1.0, 0)[0] == []
+
+
+def test_a_sync_straight_after_sleep_wakes_the_weights_first_and_awake_engines_wake_nothing(monkeypatch):
+    w, llm = _worker(monkeypatch, colocate=True)
+    w.sleep()
+    w.start_weight_update()
+    assert llm.calls[1:] == [("wake_up", ("tags", ["weights"])), ("start_weight_update",)]
+    w, llm = _worker(monkeypatch, colocate=False)
+    w.start_weight_update()
+    w.finish_weight_update(None)
+    assert [c[0] for c in llm.calls] == ["start_weight_update", "finish_weight_update", "reset_prefix_cache"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "engine", "expected"),
+    [
+        (0, EngineConfig(), (True, 0.1)),
+        (1, EngineConfig(), (False, 0.9)),
+        (2, EngineConfig(), (False, 0.9)),
+        (0.5, EngineConfig(), (False, 0.45)),
+        (1, EngineConfig(enforce_eager=True, gpu_memory_utilization=0.6), (True, 0.6)),
+        (0, EngineConfig(enforce_eager=False, gpu_memory_utilization=0.2), (False, 0.2)),
+    ],
+)
+def test_engine_defaults_follow_the_device_the_actor_reserved(gpus, engine, expected):
+    from opd.rollout.engine import device_settings
+
+    got = device_settings(engine, gpus)
+    assert (got["enforce_eager"], got["gpu_memory_utilization"]) == pytest.approx(expected)
+
+
+def test_make_llm_resolves_the_engine_defaults_from_the_reservation(monkeypatch):
+    from opd import devices
+    from opd.rollout import engine
+
+    made = _fake_llm(monkeypatch)
+    monkeypatch.setattr(devices, "reserved_gpus", lambda: 1.0)
+    engine.make_llm("m", EngineConfig(), 0)
+    assert (made["enforce_eager"], made["gpu_memory_utilization"]) == (False, 0.9)
+    monkeypatch.setattr(devices, "reserved_gpus", lambda: 0.0)
+    engine.make_llm("m", EngineConfig(), 0)
+    assert (made["enforce_eager"], made["gpu_memory_utilization"]) == (True, 0.1)
+
+
+def _ds_config(stage: int, bf16: bool) -> dict:
+    return {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": 1}
+
+
+def test_the_student_loads_in_the_dtype_it_trains_in():
+    """A bf16 GPU shard never holds an fp32 copy of the whole model on the host; a CPU shard stays fp32."""
+    from opd.devices import learner_bf16
+    from opd.learner.shard import load_dtype
+
+    assert load_dtype(_ds_config(2, learner_bf16(True, gpus=1))) == torch.bfloat16
+    assert load_dtype(_ds_config(3, learner_bf16(True, gpus=0))) == torch.float32
+    assert load_dtype(_ds_config(3, learner_bf16(False, gpus=1))) == torch.float32
+
+
+def test_zero3_loads_under_partitioned_init_and_other_stages_do_not():
+    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+
+    from opd.learner.shard import partitioned_loading
+
+    assert partitioned_loading(_ds_config(2, True)) is None and not is_deepspeed_zero3_enabled()
+    held = partitioned_loading(_ds_config(3, True))
+    assert is_deepspeed_zero3_enabled() and deepspeed_config()["bf16"]["enabled"]  # zero.Init's config and dtype
+    del held
+    assert not is_deepspeed_zero3_enabled()
+
+
+@pytest.mark.parametrize(
+    ("stage", "gpus", "dtype", "partitioned"), [(3, 1, torch.bfloat16, True), (2, 0, torch.float32, False)]
+)
+def test_build_engine_loads_the_student_as_decided(monkeypatch, stage, gpus, dtype, partitioned):
+    import deepspeed
+    import transformers
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from opd.config.training import LearnerConfig
+    from opd.devices import learner_bf16
+    from opd.learner.shard import LearnerShard
+
+    seen = {}
+
+    def from_pretrained(path, dtype):
+        seen.update(dtype=dtype, partitioned=is_deepspeed_zero3_enabled())
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: None)
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, **kw: (model, None, None, None))
+    cfg = LearnerConfig(zero_stage=stage, gpus_per_shard=gpus)
+    shard = LearnerShard(0, 1, "m", cfg, None, 1.0, 0.0, 3)
+    shard.build_engine(_ds_config(stage, learner_bf16(cfg.bf16, gpus)), 10)
+    assert seen == {"dtype": dtype, "partitioned": partitioned}

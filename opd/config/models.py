@@ -29,10 +29,12 @@ class EngineConfig:
     """Weights dtype inside vLLM; `auto` keeps the checkpoint's."""
     max_model_len: int = 256
     """Longest prompt + response the engine accepts."""
-    gpu_memory_utilization: float = 0.1
-    """Fraction of device memory vLLM may take (on CPU: of a NUMA node's RAM)."""
-    enforce_eager: bool = True
-    """Skip CUDA graph capture; start-up matters more than decode speed for small models."""
+    gpu_memory_utilization: float | None = None
+    """Fraction of device memory vLLM may take (on CPU: of a NUMA node's RAM); None: 0.9 x the engine's share of its
+    GPUs (0.9 on whole GPUs, 0.45 on half of one), 0.1 on CPU. The device is what the engine's actor reserves."""
+    enforce_eager: bool | None = None
+    """Skip CUDA graph capture (faster start-up, slower decoding); None: true on CPU, false on GPU. The device is
+    what the engine's actor reserves."""
     tensor_parallel_size: int = 1
     """GPUs one engine shards over: equal to the GPUs its actor holds (rollout.gpus_per_worker,
     teachers.N.gpus_per_replica); 1 on a fraction of a GPU or on CPU."""

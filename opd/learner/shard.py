@@ -34,6 +34,26 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
+def load_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the student is loaded in: the one it trains in. DeepSpeed casts a bf16 run's module to bf16 before
+    its optimizer makes the fp32 master copy from it, so an fp32 load only held a whole fp32 model per shard in host
+    memory for nothing (a CPU shard trains, and loads, in fp32)."""
+    return torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+
+
+def partitioned_loading(ds_config: dict):
+    """Under ZeRO-3, the `HfDeepSpeedConfig` that makes transformers' `from_pretrained` build the student inside
+    `deepspeed.zero.Init(config_dict_or_path=ds_config)` while it is alive (transformers 5.19, `modeling_utils`):
+    each parameter is created on the shard's device in the config's dtype and partitioned as its module is built,
+    and the checkpoint is copied in one gathered module at a time, so no rank ever holds the whole model. None for
+    stages 0-2, which replicate the weights anyway."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
 class LearnerShard(Placed):
     """Trains its slice of every batch; rank 0 also publishes weights to the rollout workers."""
 
@@ -97,13 +117,8 @@ class LearnerShard(Placed):
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if self.cfg.zero_stage == 3:
-            # Keeps ds_config alive so from_pretrained partitions while loading (zero.Init):
-            # a model larger than one device never materialises whole.
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds = HfDeepSpeedConfig(ds_config)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        self._hf_ds = partitioned_loading(ds_config)  # alive while the engine is: transformers holds a weakref
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=load_dtype(ds_config))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if self.cfg.gradient_checkpointing:  # acts in train mode only, and from_pretrained leaves eval mode
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -79,6 +79,25 @@ def stop_token_ids(model: str) -> list[int]:
     return sorted(ids if eos is None else ids | {eos})
 
 
+GPU_MEMORY_SHARE = 0.9
+"""`gpu_memory_utilization` by default on GPU, per whole GPU an engine's actor reserves: the rest is headroom for
+CUDA's context, NCCL and PyTorch's allocator outside vLLM's accounting."""
+CPU_MEMORY_UTILIZATION = 0.1
+
+
+def device_settings(engine, gpus: float) -> dict:
+    """`enforce_eager` and `gpu_memory_utilization` as `engine` (an `EngineConfig`) sets them or, where it leaves
+    them None, as fits the `gpus` the engine's actor reserved: CUDA graphs and 0.9 of its share of the GPU on a
+    GPU; eager and 0.1 on CPU. The CPU-friendly values once were the schema's defaults, which left GPU runs eager
+    on a tenth of the memory unless the config said otherwise."""
+    on_gpu = gpus > 0
+    share = GPU_MEMORY_SHARE * min(gpus, 1.0) if on_gpu else CPU_MEMORY_UTILIZATION
+    return {
+        "enforce_eager": not on_gpu if engine.enforce_eager is None else engine.enforce_eager,
+        "gpu_memory_utilization": share if engine.gpu_memory_utilization is None else engine.gpu_memory_utilization,
+    }
+
+
 def make_llm(model: str, engine, seed: int, **extra):
     """Build a vLLM `LLM` from an `EngineConfig`; CPU settings are applied only without CUDA.
 
@@ -108,12 +127,11 @@ def make_llm(model: str, engine, seed: int, **extra):
         return LLM(
             model=model,
             dtype=engine.dtype,
-            enforce_eager=engine.enforce_eager,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
             max_model_len=engine.max_model_len,
             tensor_parallel_size=engine.tensor_parallel_size,
             seed=seed,
             generation_config="vllm",
+            **device_settings(engine, devices.reserved_gpus()),
             **extra,
         )
 

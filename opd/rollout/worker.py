@@ -37,6 +37,8 @@ class RolloutWorker(Placed):
         )
         self.stop_ids = vllm_engine.stop_token_ids(model)
         self.version = 0
+        self.asleep: set[str] = set()
+        """The engine's memory still released by `sleep` (vLLM's tags: weights, kv_cache)."""
 
     def ready(self) -> int:
         return self.version
@@ -53,6 +55,7 @@ class RolloutWorker(Placed):
     ) -> tuple[list[Sample], float]:
         """n samples per prompt (`meta[i]`, e.g. the prompt index, rides along with prompt i), and the seconds
         the engine was busy (the pipeline's stage timing)."""
+        self.check_awake()
         t0 = time.perf_counter()
         outs = vllm_engine.sample(self.llm, prompt_ids, n, max_tokens, temperature, seed, self.stop_ids, top_p)
         samples = []
@@ -63,6 +66,7 @@ class RolloutWorker(Placed):
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], top_k: int):
         """The student's own per-token log-probs (used to check weight sync end to end)."""
+        self.check_awake()
         return vllm_engine.score(self.llm, prompt_ids, response_ids, top_k)
 
     # The four calls vLLM's weight-transfer engines drive (VLLMWeightSyncClient protocol).
@@ -70,6 +74,7 @@ class RolloutWorker(Placed):
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
     def start_weight_update(self) -> None:
+        self.wake("weights")  # a sync straight after `sleep` still lands in mapped memory
         self.llm.start_weight_update()
 
     def update_weights(self, update_info: dict) -> None:
@@ -77,13 +82,32 @@ class RolloutWorker(Placed):
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self.llm.finish_weight_update(weight_version)
+        self.wake("kv_cache")  # after the sync: its buffers had the KV cache's room meanwhile
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         if weight_version is not None:
             self.version = int(weight_version)
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory (weights offloaded, KV cache dropped) while a colocated learner steps."""
-        self.llm.sleep(level=1)
+        """Free the engine's GPU memory while a colocated learner steps: level 2 discards the weights and the KV
+        cache. The weight sync after the step overwrites every weight, so level 1's copy of them to host memory
+        and back each round would be wasted (vLLM keeps the model's buffers, e.g. rotary tables, itself)."""
+        self.llm.sleep(level=2)
+        self.asleep = {"weights", "kv_cache"}
 
     def wake_up(self) -> None:
-        self.llm.wake_up()
+        """Map the weights' memory back for the weight sync that follows; the KV cache wakes once the weights
+        have landed (`finish_weight_update`), so the sync's buffers never compete with it for the GPU."""
+        self.wake("weights")
+
+    def wake(self, tag: str) -> None:
+        if tag in self.asleep:
+            self.llm.wake_up(tags=[tag])
+            self.asleep.discard(tag)
+
+    def check_awake(self) -> None:
+        """Refuse to sample from discarded weights: after `sleep`, only a weight sync makes the engine usable."""
+        if self.asleep:
+            raise RuntimeError(
+                f"the rollout engine's {' and '.join(sorted(self.asleep))} memory is still released by sleep(): "
+                "a weight sync must follow wake_up() before it generates"
+            )

@@ -1,20 +1,30 @@
-"""One-command check of opd's GPU paths that need neither vLLM nor Ray, for a lent GPU machine without either.
+"""One-command check of opd's GPU paths on a machine with NVIDIA GPUs (sized for 10 minutes; not yet run).
 
-    python tests/gpu/check.py                # CUDA: bf16, nccl
-    python tests/gpu/check.py --device cpu   # rehearsal: fp32, gloo
+    python tests/gpu/check.py                # CUDA
+    python tests/gpu/check.py --device cpu   # rehearsal: fp32, gloo; every CUDA check SKIPs
 
-Prints one line per check (PASS, FAIL or SKIPPED, with its figures) and exits non-zero on any FAIL:
+Prints one line per check, `PASS name: figures`, `FAIL name: figures or error` or `SKIP name: reason`, and exits
+non-zero on any FAIL. A check SKIPs when what it needs is missing (CUDA, 2 GPUs, vLLM, Ray) or when the check that
+builds what it uses did not pass. In order:
 
-1. `learner_step`: one `LearnerShard` (driven in-process, no Ray) trains two steps at ZeRO-3 on a Qwen2 model built
-   from a config, with the chunked objective (`learner.loss_chunk_tokens`); figures: losses, peak memory.
-2. `hf_teacher`: `opd.teachers.hf.score` equals a plain forward pass per sequence (sampled-token and top-k
-   log-probs) to the device dtype's tolerance.
-3. `weight_metadata`: the learner's weight source announces the names, shapes and dtypes it then yields.
-4. `weight_sync_round_trip`: opd/rollout/weight_sync.py's gloo trainer engine sends the learner's weights and its
-   worker engine's receive path unpacks them equal; SKIPPED without vLLM (the module subclasses vLLM's engines).
+- `hf_teacher`: `opd.teachers.hf.score` equals a plain forward pass per sequence, to the device dtype's tolerance.
+- `hf_reference`: transformers' bf16 log-probs of probe sequences under the learner's checkpoint and under a second
+  one with other weights, which the engine checks start from (tests/gpu/checks_vllm.py).
+- `vllm_engine`: a colocated rollout worker's CUDA engine (sleep mode, CUDA graphs) starts, samples, and scores the
+  probes as transformers does.
+- `learner_setup`: one `LearnerShard` (in this process, no Ray) set up at ZeRO-3, bf16 on CUDA.
+- `ipc_sleep_sync`: the engine sleeps at level 2, its weights wake, the shard's weights arrive over CUDA IPC, the KV
+  cache wakes; the engine then scores as the learner's checkpoint and samples again.
+- `learner_step`: two steps of the shard with the chunked objective; figures: losses, peak memory.
+- `weight_metadata`: the shard's weight source announces the names, shapes and dtypes it then yields.
+- `weight_sync_round_trip`: the gloo trainer engine's send into its worker engine's receive path, bit-equal.
+- `zero_gpu_actor`: a Ray actor whose bundle holds no GPU, beside one that holds a GPU, sees no CUDA device.
+- `nccl_weight_sync`, `two_rank_learner`, `tp2_engine` (2 GPUs): the run's NCCL weight sync between a learner actor
+  and an engine actor; two learner ranks stepping together; an engine tensor-parallel over two GPUs
+  (tests/gpu/checks_ray.py).
 
-`opd.learner.shard` subclasses vLLM's `WeightSource`; without vLLM a stand-in with the same two names is installed
-(`install_weight_source_stand_in`), grouping one parameter per gather, and the header line says so.
+Without vLLM, `opd.learner.shard` gets a stand-in `WeightSource` (one parameter per gather group) and the header
+line says so.
 """
 
 from __future__ import annotations
@@ -22,313 +32,96 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import socket
 import sys
 import tempfile
-import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.gpu import checks_learner as learner  # noqa: E402  (the repo root first)
+from tests.gpu import checks_ray as cluster  # noqa: E402
+from tests.gpu import checks_vllm as engines  # noqa: E402
+
 
 @dataclass(frozen=True)
-class Size:
-    """The model and batch one check run uses: real-vocabulary sizes on a GPU, tiny ones on 2 CPU cores."""
+class Env:
+    """What this machine offers the checks."""
 
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    prompt_len: int
-    response_len: int
-    samples: int
-    micro_batch: int
-    chunk_tokens: int
-    top_k: int
+    device: str
+    gpus: int
+    vllm: bool
+    ray: bool
 
 
-GPU_SIZE = Size(151_936, 896, 4864, 4, 14, 2, 64, 1024, 8, 4, 256, 16)
-CPU_SIZE = Size(2048, 64, 128, 2, 2, 1, 8, 48, 8, 4, 16, 8)
-BF16_TOL = (1e-2, 0.25)
-"""(mean, max) |log-prob gap| allowed in bf16: tests/gpu/test_hf_teacher_cuda.py's batched-vs-alone bound."""
-FP32_TOL = (1e-5, 1e-4)
+@dataclass(frozen=True)
+class Check:
+    name: str
+    fn: Callable[[learner.Context], tuple[bool, str]]
+    needs: tuple[str, ...] = ()
+    """cuda, 2gpus, vllm, ray, and the Context fields earlier checks build (`BUILT_BY`)."""
 
 
-def install_weight_source_stand_in() -> None:
-    """Without vLLM, give `vllm.distributed.weight_transfer` the two names opd.learner imports from it.
+BUILT_BY = {"references": "hf_reference", "engine": "vllm_engine", "shard": "learner_setup"}
+"""The check that fills each Context field other checks use."""
 
-    The stand-in's `groups()` is one parameter per group (vLLM's groups whole decoder layers): a valid partition,
-    so metadata, iteration and ZeRO-3 gathers run as they do under vLLM, one parameter at a time.
-    """
-    import types
-    from abc import ABC, abstractmethod
-
-    @dataclass
-    class ParamMeta:
-        name: str
-        dtype: object
-        shape: tuple[int, ...]
-
-    class WeightSource(ABC):
-        @abstractmethod
-        def metadata(self) -> list[ParamMeta]: ...
-
-        def groups(self) -> list[list[str]]:
-            return [[m.name] for m in self.metadata()]
-
-    module = types.ModuleType("vllm.distributed.weight_transfer")
-    module.ParamMeta, module.WeightSource = ParamMeta, WeightSource
-    for name in ("vllm", "vllm.distributed"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["vllm.distributed.weight_transfer"] = module
+IN_PROCESS = [
+    Check("hf_teacher", learner.check_hf_teacher),
+    Check("hf_reference", engines.check_hf_reference, ("cuda",)),  # before any shard: see its docstring
+    Check("vllm_engine", engines.check_vllm_engine, ("cuda", "vllm", "references")),
+    Check("learner_setup", learner.check_learner_setup),
+    Check("ipc_sleep_sync", engines.check_ipc_sleep_sync, ("cuda", "vllm", "engine", "shard")),  # before steps
+    Check("learner_step", learner.check_learner_step, ("shard",)),
+    Check("weight_metadata", learner.check_weight_metadata, ("shard",)),
+    Check("weight_sync_round_trip", learner.check_weight_sync, ("vllm", "shard")),
+]
+WITH_RAY = [
+    Check("zero_gpu_actor", cluster.check_zero_gpu_actor, ("cuda", "ray")),
+    Check("nccl_weight_sync", cluster.check_nccl_weight_sync, ("cuda", "2gpus", "vllm", "ray", "references")),
+    Check("two_rank_learner", cluster.check_two_rank_learner, ("cuda", "2gpus", "ray")),
+    Check("tp2_engine", cluster.check_tp2_engine, ("cuda", "2gpus", "vllm", "ray", "references")),
+]
+CHECKS = IN_PROCESS + WITH_RAY
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def skip_reason(check: Check, env: Env, ctx: learner.Context) -> str:
+    """Why `check` cannot run here ('' when it can): every missing need, in one line."""
+    unmet = {
+        "cuda": "" if env.device == "cuda" else "needs CUDA (--device cpu)",
+        "2gpus": "" if env.gpus >= 2 else f"needs 2 GPUs ({env.gpus} here)",
+        "vllm": "" if env.vllm else "needs vLLM (not installed)",
+        "ray": "" if env.ray else "needs Ray (not installed)",
+    }
+    reasons = [unmet[n] for n in check.needs if unmet.get(n)]
+    if not reasons:  # what earlier checks built is looked for only where this machine could build it
+        reasons = [
+            f"needs {BUILT_BY[n]}, which did not pass" for n in check.needs if n in BUILT_BY and not getattr(ctx, n)
+        ]
+    return "; ".join(reasons)
 
 
-def peak_mb(device: str) -> float:
-    """Peak memory since the last reset: CUDA allocations on a GPU, the process's peak RSS on CPU."""
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def build_checkpoint(size: Size, path: Path) -> Path:
-    """A randomly initialised Qwen2 model of `size`, saved with a tiny tokenizer (only its pad id is read)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from opd.tiny import save_checkpoint, train_tokenizer
-
-    tok = train_tokenizer(["0123456789+= abcdefghij"], 300)
-    config = Qwen2Config(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        head_dim=size.hidden // size.heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # peaked next-token distributions, so top-k is not a coin toss among near-ties
-        model.model.embed_tokens.weight.mul_(4.0)
-    return save_checkpoint(model, tok, path)
+def run_check(check: Check, env: Env, ctx: learner.Context) -> str:
+    """Run or skip `check` and print its one line; a raised error is a FAIL naming it. Returns the status."""
+    reason = skip_reason(check, env, ctx)
+    if reason:
+        status, figures = "SKIP", reason
+    else:
+        try:
+            ok, figures = check.fn(ctx)
+            status = "PASS" if ok else "FAIL"
+        except Exception as e:  # one broken check must not hide the others' lines
+            traceback.print_exc(file=sys.stderr)
+            status, figures = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    print(f"{status} {check.name}: {figures}", flush=True)
+    return status
 
 
-def samples(size: Size, seed: int = 0) -> list:
-    """Student samples with a teacher's top-k, as the buffer hands them to the learner."""
-    import numpy as np
-
-    from opd.buffer.sample import Sample
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(size.samples):
-        n = size.response_len
-        s = Sample(
-            rng.integers(3, size.vocab, size.prompt_len),
-            rng.integers(3, size.vocab, n),
-            rng.uniform(-12, -0.1, n).astype(np.float32),
-            0,
-        )
-        s.teacher_logprobs = rng.uniform(-12, -0.1, n).astype(np.float32)
-        s.teacher_topk_ids = np.stack([rng.choice(size.vocab, size.top_k, replace=False) for _ in range(n)])
-        s.teacher_topk_logprobs = np.log(rng.dirichlet(np.ones(size.top_k + 1), n)[:, : size.top_k]).astype(np.float32)
-        out.append(s)
-    return out
-
-
-def chunked_objective_landed() -> bool:
-    from opd.config.training import LearnerConfig
-
-    return hasattr(LearnerConfig, "loss_chunk_tokens")
-
-
-def make_shard(size: Size, checkpoint: Path):
-    """One ZeRO-3 learner rank (bf16 on CUDA), set up in this process on its own nccl/gloo group."""
-    from opd.config import LossConfig
-    from opd.config.training import LearnerConfig
-    from opd.learner.shard import LearnerShard
-
-    chunk = {"loss_chunk_tokens": size.chunk_tokens} if chunked_objective_landed() else {}
-    learner = LearnerConfig(num_shards=1, zero_stage=3, lr=1e-4, micro_batch_size=size.micro_batch, bf16=True, **chunk)
-    loss = LossConfig(type="jsd", beta=1.0, top_k=size.top_k)
-    shard = LearnerShard(0, 1, str(checkpoint), learner, loss, 1.0, 0.0, 3)
-    shard.setup("127.0.0.1", free_port(), size.samples, 2)
-    return shard
-
-
-def check_learner_step(shard, size: Size, device: str) -> tuple[bool, str]:
-    import math
-
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    first = {n: t.float().cpu().clone() for n, t in shard.weight_source() if n.endswith("layers.0.mlp.up_proj.weight")}
-    stats = [shard.train_step(samples(size, seed)) for seed in (1, 2)]
-    peak = peak_mb(device)
-    after = {n: t.float().cpu() for n, t in shard.weight_source() if n in first}
-    moved = all(not torch.equal(first[n], after[n]) for n in first) and bool(first)
-    finite = all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in stats)
-    objective = f"chunked objective ({size.chunk_tokens} tokens)" if chunked_objective_landed() else "full logits"
-    dtype = next(p.dtype for p in shard.engine.module.parameters())
-    peak_name = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS"
-    tokens = f"{size.samples}x{size.prompt_len + size.response_len} tokens, vocab {size.vocab}"
-    figures = (
-        f"ZeRO-3 {str(dtype).removeprefix('torch.')} {torch.distributed.get_backend()}, {objective}, {tokens}: "
-        f"loss {stats[0]['loss']:.4f} -> {stats[1]['loss']:.4f}, grad_norm {stats[1]['grad_norm']:.3g}, "
-        f"step {stats[1]['learner_step_s']:.2f} s, {peak_name} {peak:.0f} MB, weights moved: {moved}"
-    )
-    return finite and moved, figures
-
-
-def check_hf_teacher(checkpoint: Path, size: Size, device: str) -> tuple[bool, str]:
-    """Batched `hf.score` against one plain forward pass per sequence, at temperature 0.8."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from opd.teachers import hf
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(3, size.vocab, int(rng.integers(4, size.prompt_len + 1))).tolist() for _ in range(6)]
-    responses = [rng.integers(3, size.vocab, int(rng.integers(8, size.response_len + 1))).tolist() for _ in range(6)]
-    temperature, k = 0.8, size.top_k
-    scored = hf.score(model, prompts, responses, k, temperature)
-    own_gaps, top_gaps, overlap = [], [], []
-    for p, r, s in zip(prompts, responses, scored, strict=True):
-        ids = torch.tensor([p + r], device=device)
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float() / temperature, -1)
-        logprobs = logprobs[len(p) - 1 :].cpu()
-        own = logprobs.gather(-1, torch.tensor(r)[:, None])[:, 0].numpy()
-        top = logprobs.topk(k, dim=-1)
-        # Ties at bf16 may reorder ids; the plain pass must give hf's top ids hf's values, and the same k-th value.
-        at_hf_ids = logprobs.gather(-1, torch.from_numpy(s.topk_ids).long()).numpy()
-        own_gaps.append(np.abs(own - s.logprobs))
-        top_gaps += [np.abs(at_hf_ids - s.topk_logprobs), np.abs(top.values.numpy() - s.topk_logprobs)]
-        overlap.append(
-            np.mean([len(set(a) & set(b)) / k for a, b in zip(top.indices.numpy(), s.topk_ids, strict=True)])
-        )
-    own_gap, top_gap = np.concatenate(own_gaps), np.concatenate([g.ravel() for g in top_gaps])
-    mean_tol, max_tol = BF16_TOL if dtype == torch.bfloat16 else FP32_TOL
-    ok = all(g.mean() < mean_tol and g.max() < max_tol for g in (own_gap, top_gap))
-    figures = (
-        f"{str(dtype).removeprefix('torch.')} T={temperature} top-{k}, {own_gap.size} tokens: sampled-token |gap| "
-        f"mean {own_gap.mean():.1e} max {own_gap.max():.1e}; top-k |gap| mean {top_gap.mean():.1e} "
-        f"max {top_gap.max():.1e} (tol mean {mean_tol:g} max {max_tol:g}); top-k id overlap {np.mean(overlap):.3f}"
-    )
-    return ok, figures
-
-
-def check_weight_metadata(shard) -> tuple[bool, str]:
-    import math
-
-    source = shard.weight_source()
-    announced = [(m.name, tuple(m.shape), m.dtype) for m in source.metadata()]
-    yielded = [(n, tuple(t.shape), t.dtype) for n, t in source]  # shapes read inside each ZeRO-3 gather
-    bad = [(a, y) for a, y in zip(announced, yielded, strict=False) if a != y]
-    ok = announced == yielded and bool(announced)
-    numel = sum(math.prod(s) for _, s, _ in yielded)
-    dtypes = sorted({str(d).removeprefix("torch.") for _, _, d in yielded})
-    figures = (
-        f"{len(announced)} announced, {len(yielded)} yielded, {numel / 1e6:.1f}M elements, dtypes {dtypes}, "
-        f"{len(source.groups())} gather groups"
-    )
-    return ok, figures + (f"; first mismatch {bad[0]}" if bad else "")
-
-
-class Recorder:
-    """The model side of a worker engine: keeps what `load_weights` receives."""
-
-    def __init__(self) -> None:
-        self.loaded: dict = {}
-
-    def load_weights(self, weights) -> None:
-        self.loaded |= {n: t.clone() for n, t in weights}
-
-
-class InProcessClient:
-    """A `VLLMWeightSyncClient` whose one "engine" is a `GlooWeightTransferEngine` in this process (rank 1)."""
-
-    def __init__(self, worker) -> None:
-        self.worker = worker
-
-    def init_weight_transfer_engine(self, init_info: dict) -> None:
-        from opd.rollout.weight_sync import GlooInitInfo
-
-        self.worker.init_transfer_engine(GlooInitInfo(**init_info))
-
-    def start_weight_update(self) -> None: ...
-
-    def update_weights(self, update_info: dict) -> None:
-        self.worker.update_weights(update_info)
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None: ...
-
-
-def check_weight_sync(shard, device: str, vllm: bool) -> tuple[str, str]:
-    """The trainer engine's `send_weights` into the worker engine's receive path, over a 2-rank gloo group."""
-    if not vllm:
-        return "SKIPPED", "opd/rollout/weight_sync.py imports vLLM at module level (its engines subclass vLLM's)"
-    from types import SimpleNamespace
-
-    import torch
-
-    from opd.rollout import weight_sync
-
-    worker = weight_sync.GlooWeightTransferEngine.__new__(weight_sync.GlooWeightTransferEngine)
-    worker.group, worker.device, worker.model = None, torch.device(device), Recorder()
-    worker.parallel_config = SimpleNamespace(rank=0)
-    source = shard.weight_source()
-    info = weight_sync.trainer_init_info("gloo", 0, "127.0.0.1", free_port(), 2, 0)
-    t0 = time.perf_counter()
-    trainer = weight_sync.WeightTransferTrainerFactory.trainer_init(info, client=InProcessClient(worker), source=source)
-    trainer.send_weights()
-    seconds = time.perf_counter() - t0
-    sent = {n: t.detach().cpu().clone() for n, t in source}
-    got = {n: t.cpu() for n, t in worker.model.loaded.items()}
-    equal = [n for n in sent if n in got and got[n].dtype == sent[n].dtype and torch.equal(got[n], sent[n])]
-    ok = len(equal) == len(sent) == len(got)
-    nbytes = sum(t.numel() * t.element_size() for t in sent.values())
-    figures = (
-        f"{len(equal)}/{len(sent)} tensors bit-equal after the round trip, {nbytes / 2**20:.1f} MiB in {seconds:.2f} s"
-    )
-    return ("PASS" if ok else "FAIL"), figures
-
-
-def run(name: str, fn, *args) -> bool:
-    """Print `name`'s one line; a raised error is a FAIL naming it."""
-    try:
-        verdict = fn(*args)
-        status, figures = verdict if isinstance(verdict[0], str) else ("PASS" if verdict[0] else "FAIL", verdict[1])
-    except Exception as e:  # one broken check must not hide the others' lines
-        traceback.print_exc(file=sys.stderr)
-        status, figures = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    print(f"{status} {name}: {figures}", flush=True)
-    return status != "FAIL"
+def run_all(checks: list[Check], env: Env, ctx: learner.Context) -> bool:
+    """Every check's line, in order; whether none FAILed."""
+    return "FAIL" not in [run_check(c, env, ctx) for c in checks]
 
 
 def main() -> int:
@@ -336,40 +129,30 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     device = parser.parse_args().device
     if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the learner shard picks bf16/nccl whenever CUDA is visible
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # no check may reach a GPU in the rehearsal
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         print("FAIL setup: no CUDA device (use --device cpu to rehearse)")
         return 1
-    vllm = importlib.util.find_spec("vllm") is not None
-    if not vllm:
-        install_weight_source_stand_in()
-    size = GPU_SIZE if device == "cuda" else CPU_SIZE
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores"
+    have = {name: importlib.util.find_spec(name) is not None for name in ("vllm", "ray")}
+    env = Env(device, torch.cuda.device_count(), **have)
+    if not env.vllm:
+        learner.install_weight_source_stand_in()
+    size = learner.GPU_SIZE if device == "cuda" else learner.CPU_SIZE
+    where = f"{env.gpus} x {torch.cuda.get_device_name()}" if device == "cuda" else f"{os.cpu_count()} CPU cores"
     print(
         f"INFO {where}, torch {torch.__version__}, python {sys.version.split()[0]}; vLLM "
-        f"{'present' if vllm else 'absent: stand-in WeightSource, one parameter per gather group'}; "
-        f"learner.loss_chunk_tokens {'present' if chunked_objective_landed() else 'absent: default objective'}",
+        f"{'present' if env.vllm else 'absent: stand-in WeightSource, one parameter per gather group'}; Ray "
+        f"{'present' if env.ray else 'absent'}; learner.loss_chunk_tokens "
+        f"{'present' if learner.chunked_objective_landed() else 'absent: default objective'}",
         flush=True,
     )
-    ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = build_checkpoint(size, Path(tmp) / "model")
-        # First: once a ZeRO-3 shard exists, transformers partitions every model it loads (HfDeepSpeedConfig).
-        ok &= run("hf_teacher", check_hf_teacher, checkpoint, size, device)
-        try:
-            shard = make_shard(size, checkpoint)
-        except Exception as e:
-            traceback.print_exc(file=sys.stderr)
-            print(f"FAIL learner_setup: {type(e).__name__}: {e}")
-            shard = None
-        if shard is not None:
-            ok &= run("learner_step", check_learner_step, shard, size, device)
-        if shard is not None:
-            ok &= run("weight_metadata", check_weight_metadata, shard)
-            ok &= run("weight_sync_round_trip", check_weight_sync, shard, device, vllm)
-        ok &= shard is not None
+        ctx = learner.Context(device, size, learner.build_checkpoint(size, Path(tmp) / "model"))
+        ok = run_all(IN_PROCESS, env, ctx)
+        engines.close_engine(ctx)  # its GPU memory goes to the Ray checks' actors
+        ok &= run_all(WITH_RAY, env, ctx)
     return 0 if ok else 1
 
 
