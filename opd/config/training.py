@@ -297,7 +297,8 @@ class FaultConfig:
     max_nonfinite_steps: int = 3
     """Learner steps with a non-finite loss are skipped and counted; this many in a row stops the run."""
     learner_resumes: int = 1
-    """When a learner shard dies, restart every actor from the last checkpoint this many times."""
+    """When a learner shard or a replay-buffer shard dies, restart every actor from the last checkpoint this many
+    times."""
 
     def __post_init__(self) -> None:
         at_least_one("faults", self, "max_nonfinite_steps")
