@@ -13,7 +13,7 @@ import pytest
 from opd.buffer.sample import Sample
 from opd.config import OPDConfig
 from opd.data import Encoded, Prompt
-from opd.teachers.feedback import Feedback, ScoredRound, reverse_kl
+from opd.teachers.feedback import Feedback, ScoredRound, reverse_kl, topk_coverage
 from opd.teachers.judge import exact_answer
 
 
@@ -93,6 +93,17 @@ def test_feedback_scores_judges_and_corrects_in_place(stage):
     assert row["corrected_at"] == 2 and row["judge_score"] == 1.0 and row["policy_version"] == 3
     # after the correction only the student's own prefix counts towards the reverse KL
     assert reverse_kl(scored.samples) == pytest.approx((0.5 + 0.5 + 0.5 + 0.5) / 4)
+
+
+def test_topk_coverage_is_the_share_of_the_students_positions_with_a_teacher_top_k(stage):
+    feedback, _ = stage
+    scored = feedback([student(1, [5, 6])], seed=0)
+    assert scored.metrics["train/topk_coverage"] == 1.0  # the fake teacher fills every position
+    bridged = student(1, [5, 6, 7, 8])  # across tokenizers: positions 1 and 3 got no top-k (all -inf)
+    bridged.teacher_topk_logprobs = np.array([[-1.0, -2.0], [-np.inf] * 2, [-np.inf, -3.0], [-np.inf] * 2])
+    assert topk_coverage([bridged]) == 0.5
+    bridged.correction_start = 1  # only what the student wrote itself counts: position 0
+    assert topk_coverage([bridged]) == 1.0 and topk_coverage([]) == 0.0
 
 
 def test_scored_state_survives_a_checkpoint_as_json(stage):

@@ -61,6 +61,14 @@ def reverse_kl(samples: list[Sample]) -> float:
     return gap / max(tokens, 1)
 
 
+def topk_coverage(samples: list[Sample]) -> float:
+    """Share of the student's own response positions at which the teacher's top-k reached it: 1 with one tokenizer;
+    across tokenizers, only positions where one student and one teacher token cover the same text keep a top-k
+    (`opd.teachers.align.TokenBridge.project`), so this is how much of the top-k signal the objective sees."""
+    rows = [np.isfinite(s.teacher_topk_logprobs[: s.student_tokens]).any(axis=-1) for s in samples]
+    return float(np.concatenate(rows).mean()) if rows and sum(map(len, rows)) else 0.0
+
+
 def prompts_of(samples: list[Sample], by_index: Mapping[int, Encoded]) -> list[Prompt]:
     """Each sample's prompt, from the set its `prompt_index` points into (indices are per set: train and each eval
     set have their own), for the teachers that render prompts their own way."""
@@ -94,6 +102,8 @@ class Feedback:
             metrics |= {f"teachers/{name}_samples": n for name, n in share.items()}
             # Before corrections: the student's own samples, so this is the unbiased on-policy estimate.
             metrics["train/reverse_kl"] = reverse_kl(samples)
+            if cfg.loss.top_k:
+                metrics["train/topk_coverage"] = topk_coverage(samples)
         if cfg.judge.kind != "none":
             metrics |= self.judge(samples)
         shown = [s.response_ids for s in samples[:SHOWN]]
