@@ -1,7 +1,7 @@
 """Two real teachers routed by domain: Qwen2.5-Coder-0.5B-Instruct for word problems, the built-in addition teacher
 for column addition; SmolLM2-135M-Instruct learns both from the teacher that is better at each.
 
-    python bench/route_pair.py                 # conf/qwen_route.yaml: 12 rounds (~20 min on 2 cores)
+    python bench/route_pair.py                 # conf/qwen_route.yaml: 12 rounds (~20 min on 2 cores, both runs)
     python bench/route_pair.py rounds=24       # any key=value overrides both runs
 
 Writes the config's data files (the built-in word problems and addition sets, each row tagged with its `domain`,
