@@ -1,5 +1,5 @@
-"""Two real teachers routed by domain: Qwen2.5-Coder-0.5B-Instruct for word problems, the built-in addition teacher
-for column addition; SmolLM2-135M-Instruct learns both from the teacher that is better at each.
+"""Two real teachers routed by domain: Qwen2.5-Coder-0.5B-Instruct for word problems, SmolLM2-135M-Instruct (the
+student's own starting checkpoint) for column addition; the student learns each domain from its own teacher.
 
     python bench/route_pair.py                 # conf/qwen_route.yaml: 12 rounds (~20 min on 2 cores, both runs)
     python bench/route_pair.py rounds=24       # any key=value overrides both runs
