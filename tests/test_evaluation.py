@@ -48,8 +48,9 @@ class Teachers:
         for s in samples:
             s.teacher_logprobs = s.logprobs - 0.5
 
-    def generate(self, ids, n, max_tokens, temperature, seed, prompts):
-        return [[(np.asarray([ord("7")]), np.zeros(1))] for _ in ids]
+    def generate(self, ids, n, max_tokens, temperature, seed, prompts, name=None):
+        answer = {None: "7", "sevens": "7", "nines": "9"}[name]  # the first teacher ("sevens") answers 7, "nines" 9
+        return [[(np.asarray([ord(answer)]), np.zeros(1))] for _ in ids]
 
 
 def cfg(**eval_keys):
@@ -100,6 +101,19 @@ def test_pass_at_k_samples_at_eval_temperature_and_top_p_only_when_they_differ()
                    get_verifier("exact_answer"))  # fmt: skip
     assert ev.student()["eval/pass@4"] == 1.0
     assert rollout.calls[-1] == (4, 0.6, -2, 0.9)
+
+
+def test_under_route_each_prompt_is_answered_by_its_own_teacher():
+    sets = {"": [Encoded(Prompt(i, f"q{i}", "9", {"domain": d}), [i]) for i, d in enumerate(["a", "b", "b", "a"])]}
+    route = cfg()
+    route.combine = SimpleNamespace(
+        rule="route", route_field="domain", routes={"a": "sevens", "b": "nines"}, default=None
+    )
+    ev = Evaluator(route, sets, Rollout({}), Teachers(), None, Tokenizer(), get_verifier("exact_answer"))
+    assert ev.answering(sets[""]) == {"sevens": [0, 3], "nines": [1, 2]}
+    assert ev.teacher_accuracy() == {"eval/teacher_accuracy": 0.5}  # the "nines" teacher's two prompts only
+    first = Evaluator(cfg(), sets, Rollout({}), Teachers(), None, Tokenizer(), get_verifier("exact_answer"))
+    assert first.teacher_accuracy() == {"eval/teacher_accuracy": 0.0}  # without routing: the first teacher's 7s
 
 
 def test_prompts_without_answers_report_reverse_kl_only():

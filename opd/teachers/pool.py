@@ -252,13 +252,17 @@ class TeacherPool:
         temperature: float,
         seed: int | None,
         prompts: list[Prompt],
+        name: str | None = None,
     ) -> list:
-        """The first teacher's own samples, per prompt n (token ids, log-probs): offline KD, teacher accuracy.
+        """Teacher `name`'s own samples (the first teacher's by default), per prompt n (token ids, log-probs):
+        offline KD, teacher accuracy.
 
         `prompts[i]`: the prompt `prompt_ids[i]` renders, which a teacher with another tokenizer renders its own way.
         """
         cols = [prompt_ids, prompts]
-        return self._surviving(lambda: self._call(self.default, "generate", cols, n, max_tokens, temperature, seed))
+        return self._surviving(
+            lambda: self._call(self._resolve(name or self.default), "generate", cols, n, max_tokens, temperature, seed)
+        )
 
     def complete(self, name: str, texts: list[str], max_tokens: int, temperature: float) -> list[str | None]:
         """Teacher `name` answers each text as a user turn in its chat template: judge verdicts on rubrics."""
