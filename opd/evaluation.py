@@ -11,7 +11,7 @@ import numpy as np
 from opd.buffer.sample import Sample, teacher_written
 from opd.data import Encoded
 from opd.grading import pass_at_k
-from opd.teachers.combine import route_teacher
+from opd.teachers.combine import routed_teacher
 from opd.teachers.feedback import prompts_of, reverse_kl
 from opd.teachers.judge import Verifier, run_verifier
 
@@ -96,7 +96,7 @@ class Evaluator:
             return {None: list(range(len(prompts)))}
         groups: dict[str | None, list[int]] = {}
         for i, e in enumerate(prompts):
-            teacher = route_teacher(e.prompt.fields, combine.route_field, combine.routes, combine.default)
+            teacher = routed_teacher(combine, e.prompt)
             groups.setdefault(teacher, []).append(i)
         return groups
 

@@ -26,7 +26,7 @@ from opd.monitoring import Monitor
 from opd.provenance import StudentCard
 from opd.rollout.group import RolloutGroup
 from opd.teachers import judge
-from opd.teachers.combine import route_teacher
+from opd.teachers.combine import routed_teacher
 from opd.teachers.feedback import Feedback
 from opd.teachers.pool import TeacherPool
 
@@ -44,10 +44,6 @@ def resolve_verifier(key: str, spec: str) -> judge.Verifier:
         return judge.get_verifier(spec)
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from None
-
-
-def _route(combine, prompt: Prompt) -> str:
-    return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default)
 
 
 def start(
@@ -71,7 +67,7 @@ def start(
     verifier = resolve_verifier("judge.verifier", cfg.judge.verifier) if cfg.judge.kind == "verifier" else None
     eval_verifier = resolve_verifier("eval.verifier", eval_verifier_name(cfg))
     limit = cfg.rollout.engine.max_model_len - cfg.rollout.max_new_tokens
-    route = partial(_route, cfg.combine) if cfg.combine.rule == "route" else None
+    route = partial(routed_teacher, cfg.combine) if cfg.combine.rule == "route" else None
     data = cfg.data
     train_set, too_long = encode(tokenizer, train, limit, data.train, route, data.on_error, data)
     eval_sets, too_long_eval = {}, 0

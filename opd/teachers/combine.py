@@ -239,6 +239,11 @@ def route_teacher(prompt_fields: Mapping[str, object], key: str, table: Mapping[
     raise ValueError(f"no teacher route for prompt with {found}; known routes: {sorted(table)} and no default")
 
 
+def routed_teacher(combine, prompt) -> str:
+    """`route_teacher` for a `Prompt` under a config's `combine` section (its route_field, routes and default)."""
+    return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default)
+
+
 def pick_best(scores: Mapping[str, float], order: Sequence[str]) -> str:
     """Name with the highest score; ties go to the earlier name in `order`, NaN never wins.
 

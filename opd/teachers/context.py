@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from opd.data import ChatFormat, DataError, Prompt
 from opd.data.encoding import fitting
 from opd.teachers.align import TokenBridge
-from opd.teachers.combine import route_teacher
+from opd.teachers.combine import routed_teacher
 from opd.teachers.prompts import TeacherPrompts
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def _reads(cfg: OPDConfig, name: str, prompt: Prompt) -> bool:
     if combine.rule != "route":
         return True
     try:
-        return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default) == name
+        return routed_teacher(combine, prompt) == name
     except ValueError:
         return False
 
