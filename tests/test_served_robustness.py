@@ -87,9 +87,11 @@ def serve() -> Iterator[Callable[..., tuple[str, type[_Canned]]]]:
 
 @pytest.fixture
 def waits(monkeypatch) -> list[float]:
-    """The waits between tries, recorded instead of slept."""
+    """The waits between tries, recorded instead of slept; the deadlines' clock moves on by each as if slept."""
     seen: list[float] = []
+    clock = served_http.now
     monkeypatch.setattr(served_http, "pause", seen.append)
+    monkeypatch.setattr(served_http, "now", lambda: clock() + sum(seen))
     return seen
 
 
@@ -136,14 +138,21 @@ def test_other_4xx_fail_at_once_with_the_servers_message(serve, waits):
     assert len(handler.asked) == 1 and waits == []
 
 
-def test_connection_errors_are_retried_then_fail_naming_the_url(waits):
+def test_connection_errors_are_retried_until_the_calls_deadline_then_fail_naming_the_url(waits):
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    with pytest.raises(ServedTeacherError, match="refused") as err:
-        ServedClient(Endpoint(dead, "m")).max_model_len()
+    with pytest.raises(ServedTeacherError, match=r"refused.*after 9 tries at the call's deadline \(60 s") as err:
+        ServedClient(Endpoint(dead, "m", deadline_s=60.0)).max_model_len()
     assert f"{dead}/models" in str(err.value)
-    assert len(waits) == served_http.ATTEMPTS - 1
+    assert waits == [1.0, 2.0, 4.0, 8.0] + [10.0] * 4  # doubling, capped: 55 s; the next 10 s would pass 60 s
+
+
+def test_a_server_that_restarts_within_the_deadline_is_waited_for(serve, waits):
+    """Down for a minute (a model loading again): 503s, then the answer, all inside one call's deadline."""
+    url, handler = serve(*[(503, {"error": "loading"}, {})] * 8, MODELS)
+    assert ServedClient(Endpoint(url, "m", deadline_s=600.0)).max_model_len() == 99
+    assert len(handler.asked) == 9 and sum(waits) == 1 + 2 + 4 + 8 + 10 * 4
 
 
 # 2. Per-request timeout and the call's deadline
@@ -161,7 +170,7 @@ def test_a_call_of_many_requests_ends_at_its_deadline_not_after_each_requests_ti
     url, handler = serve(_samples, delay_s=0.5)
     client = ServedClient(Endpoint(url, "m", max_concurrency=1, timeout_s=5.0, deadline_s=1.2))
     start = time.monotonic()
-    with pytest.raises(ServedTeacherError, match=r"deadline \(1\.2 s\) leaves no time"):
+    with pytest.raises(ServedTeacherError, match=r"call's deadline \(1\.2 s"):
         client.sample([[1]] * (6 * served.CHUNK), 1, 4, 0.0, None, [0])
     assert time.monotonic() - start < 2.5
     assert len(handler.asked) < 6  # the requests still queued at the deadline were never sent
@@ -195,8 +204,8 @@ def test_bodies_cut_short_or_not_json_are_retried(serve, waits):
 def test_a_body_that_stays_unreadable_fails_naming_the_url(serve, waits, answer, wrong):
     url, handler = serve(answer)
     with pytest.raises(ServedTeacherError, match=wrong) as err:
-        ServedClient(Endpoint(url, "m")).max_model_len()
-    assert f"{url}/models" in str(err.value) and len(handler.asked) == served_http.ATTEMPTS
+        ServedClient(Endpoint(url, "m", deadline_s=5.0)).max_model_len()
+    assert f"{url}/models" in str(err.value) and len(handler.asked) == 3 and waits == [1.0, 2.0]
 
 
 @pytest.mark.parametrize(

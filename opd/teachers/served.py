@@ -16,7 +16,6 @@ checked against the teacher's vocabulary.
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from opd.rollout.engine import Scored, request_seeds
-from opd.teachers.served_http import ATTEMPTS, Endpoint, ServedTeacherError, post
+from opd.teachers import served_http
+from opd.teachers.served_http import Endpoint, ServedTeacherError, post
 
 __all__ = [
-    "ATTEMPTS",
     "CHUNK",
     "PROBE",
     "Endpoint",
@@ -229,7 +228,7 @@ class ServedClient:
     def _map(self, one: Callable, jobs: list) -> list:
         """`one(job, deadline)` over the jobs on the pool, results flattened in order, all within one deadline;
         the first failure cancels the jobs not yet started."""
-        deadline = time.monotonic() + self.endpoint.deadline_s
+        deadline = served_http.now() + self.endpoint.deadline_s
         futures = [self.pool.submit(one, job, deadline) for job in jobs]
         try:
             return [x for f in futures for x in f.result()]

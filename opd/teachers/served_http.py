@@ -2,10 +2,12 @@
 retries, its timeouts and the check of what came back.
 
 A request is retried when a retry may succeed: a refused or dropped connection, a timeout, a 5xx, a 429 (the
-server asks to slow down, often saying for how long in `Retry-After`), a body cut short or not JSON. Any other 4xx
-is a request the server will never take, and a body that parses but lacks what was asked for is a server that does
-not speak vLLM's API: both fail at once. Each request has its own timeout (`Endpoint.timeout_s`) and every try
-stays inside the deadline of the call it serves, so a call of many requests ends when its deadline says.
+server asks to slow down, often saying for how long in `Retry-After`), a body cut short or not JSON. It is retried
+until the deadline of the call it serves (`faults.teacher_timeout_s`), not a fixed number of times, so a server
+that restarts (a minute or more to load a model) is waited for rather than failed after a few seconds. Any other
+4xx is a request the server will never take, and a body that parses but lacks what was asked for is a server that
+does not speak vLLM's API: both fail at once. Each request has its own timeout (`Endpoint.timeout_s`), so a stuck
+request is given up and sent again, and a call of many requests ends when its deadline says.
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-ATTEMPTS = 3
-"""Tries of one request before the call fails and the teacher pool's own retries (`faults.teacher_retries`) take
-over."""
-
 BACKOFF_S = 1.0
-"""Wait before a request's second try, doubled for each further one (unless the server says `Retry-After`)."""
+"""Wait before a request's second try, doubled for each further one (unless the server says `Retry-After`)..."""
+
+BACKOFF_CAP_S = 10.0
+"""...up to this: a server back from an outage is found again within this long."""
 
 RETRY_AFTER_CAP_S = 60.0
 """The longest `Retry-After` honoured: a server asking for more still gets its retry after this long."""
@@ -88,8 +89,13 @@ class Endpoint:
 
 
 def pause(seconds: float) -> None:
-    """The wait between tries; a test replaces it to see the waits without waiting."""
+    """The wait between tries; a test replaces it (and `now`) to see the waits without waiting."""
     time.sleep(seconds)
+
+
+def now() -> float:
+    """The clock deadlines are measured on."""
+    return time.monotonic()
 
 
 def retry_after_s(headers: Message | None) -> float | None:
@@ -137,19 +143,22 @@ def post(
     if auth := endpoint.authorization():
         headers["Authorization"] = auth
     data = None if body is None else json.dumps(body).encode()
-    deadline = time.monotonic() + endpoint.deadline_s if deadline is None else deadline
+    deadline = now() + endpoint.deadline_s if deadline is None else deadline
     where = f"served teacher {endpoint.model!r} at {url}"
-    late = f"the call's deadline ({endpoint.deadline_s:g} s) leaves no time for a try"
-    error, wait = "not sent", 0.0
-    for attempt in range(ATTEMPTS):
-        if attempt and time.monotonic() + wait >= deadline:
-            raise ServedTeacherError(f"{where}: {error}; {late}")
-        if attempt:
+    error, wait, tries = "not sent", 0.0, 0
+    while True:
+        if tries and now() + wait >= deadline:
+            raise ServedTeacherError(
+                f"{where}: {error}; still failing after {tries} tr{'y' if tries == 1 else 'ies'} at the call's deadline "
+                f"({endpoint.deadline_s:g} s, faults.teacher_timeout_s)"
+            )
+        if tries:
             pause(wait)
-        left = deadline - time.monotonic()
+        left = deadline - now()
         if left <= 0:
-            raise ServedTeacherError(f"{where}: {error}; {late}")
-        wait = BACKOFF_S * 2**attempt
+            raise ServedTeacherError(f"{where}: {error}; the call's deadline ({endpoint.deadline_s:g} s) has passed")
+        wait = min(BACKOFF_S * 2**tries, BACKOFF_CAP_S)
+        tries += 1
         request = urllib.request.Request(url, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=min(endpoint.timeout_s, left)) as response:
@@ -174,4 +183,3 @@ def post(
             return parse(payload)
         except (ServedTeacherError, KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as err:
             raise ServedTeacherError(f"{where}: {_describe(err)}") from err
-    raise ServedTeacherError(f"{where}: {error}")
