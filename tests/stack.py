@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from opd import checkpoint
@@ -80,6 +81,13 @@ def kill_session(sid: int) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
+def session_pids(sid: int, title: str) -> list[int]:
+    """Processes of one run (its session) whose title starts with `title`, e.g. ray::RolloutWorker."""
+    out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True, check=True).stdout
+    rows = (line.split(None, 2) for line in out.splitlines()[1:])
+    return [int(pid) for pid, s, args in rows if int(s) == sid and args.startswith(title)]
+
+
 def launch(overrides: list[str], ray_address: str | None = None, timeout: int = 1500) -> dict:
     """Run launch.py to the end and return its summary; on the cluster at `ray_address` (the `shared_ray` fixture)
     when given, else on a Ray of its own."""
@@ -129,19 +137,28 @@ def run_with_fault(args: list[str], out: Path, fault, round_: int = 2) -> tuple[
     """Start launch.py, stop its driver once `round_` is checkpointed, call `fault(session_id)`, continue the
     driver and return the finished run's summary and stdout. Stopped, the driver issues no call until the fault is
     in place; a fault may continue it itself (SIGCONT) to let the run reach a given state first."""
-    proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stopped_after(proc, out, round_)
+    return run_with_faults(args, out, {round_: fault})
+
+
+def run_with_faults(args: list[str], out: Path, faults: dict[int, Callable[[int], None]]) -> tuple[dict, str]:
+    """run_with_fault with a fault after each of several rounds, in round order."""
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a run that fills a pipe's buffer would block
+        proc = start(args, stdout=log, stderr=subprocess.STDOUT)
         try:
-            fault(proc.pid)
+            for round_, fault in sorted(faults.items()):
+                stopped_after(proc, out, round_)
+                try:
+                    fault(proc.pid)
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+            proc.wait(timeout=900)
         finally:
-            os.kill(proc.pid, signal.SIGCONT)
-        stdout, stderr = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-4000:]
-    return summary_of(stdout), stdout
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, output[-4000:]
+    return summary_of(output), output
 
 
 def tiny_overrides(assets: dict[str, Path], out: Path) -> list[str]:

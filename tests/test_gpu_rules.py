@@ -151,28 +151,79 @@ def test_reconnecting_the_learner_shuts_the_old_transfer_group_down(monkeypatch)
     assert [t.closed for t in made] == [True, False] and shard.transfer is made[1]
 
 
-def test_a_weight_sync_past_its_deadline_aborts_the_transfer_group():
-    """An NCCL broadcast to a dead engine never returns by itself; aborting the communicator ends it."""
+def test_a_weight_sync_past_its_deadline_aborts_the_transfer_group_and_finishes_the_gathers():
+    """An NCCL broadcast to a stuck engine never returns by itself; aborting the communicator ends it (the send
+    raises), the source then joins the gathers the other learner ranks wait in, and the driver is told to replace
+    the rollout group (WeightSendTimeout)."""
     import threading
 
+    from opd.learner.group import WeightSendTimeout
     from opd.rollout.weight_sync import send_within
 
     class StuckTransfer:
         def __init__(self) -> None:
             self.aborted = threading.Event()
+            self.source = SimpleNamespace(finished=[], finish_after_failure=lambda: self.source.finished.append(1))
 
         def send_weights(self) -> None:
             self.aborted.wait(30)
+            raise RuntimeError("NCCL communicator was aborted")
 
         def shutdown(self) -> None:
             self.aborted.set()
 
     stuck = StuckTransfer()
-    with pytest.raises(TimeoutError, match="transfer group was aborted"):
+    with pytest.raises(WeightSendTimeout, match="transfer group was aborted"):
         send_within(stuck, 0.2)
-    assert stuck.aborted.is_set()
-    done = SimpleNamespace(send_weights=lambda: None, shutdown=lambda: pytest.fail("aborted a finished sync"))
+    assert stuck.aborted.is_set() and stuck.source.finished == [1]
+    source = SimpleNamespace(finish_after_failure=lambda: pytest.fail("finished a sync that went through"))
+    done = SimpleNamespace(send_weights=lambda: None, source=source, shutdown=lambda: pytest.fail("aborted"))
     send_within(done, 5)
+
+
+def test_a_send_stopped_part_way_joins_the_gathers_it_did_not_reach(monkeypatch):
+    """ZeRO-3 gathers a layer at a time on every learner rank; rank 0 stopped sending after the first group (its
+    receiver gone) must still go through the other groups' gathers, or the other ranks wait in the next one."""
+    import deepspeed
+    import torch
+
+    from opd.learner.weights import ZeroWeightSource
+
+    entered: list[int] = []
+
+    class Gathered:
+        def __init__(self, params, modifier_rank=None) -> None:
+            self.params = params
+
+        def __enter__(self) -> None:
+            if fail_at is not None and len(entered) == fail_at:
+                raise RuntimeError("gloo: connection reset by peer")
+            entered.append(len(self.params))
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", Gathered)
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.embed_tokens = torch.nn.Embedding(4, 2)
+    model.model.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+    source = ZeroWeightSource(model)
+    assert len(source.groups()) == 4
+
+    fail_at = None
+    sending = source.iter_groups()
+    next(sending)  # the first group went out, then the broadcast failed
+    assert source.finish_after_failure() == 3 and entered == [1, 2, 2, 2]
+    assert source.finish_after_failure() == 0  # nothing left
+    entered.clear()
+    assert len(list(source.iter_groups())) == 4 and source.finish_after_failure() == 0  # a whole send: none left
+
+    entered.clear()
+    fail_at = 1  # the second gather itself failed (a learner rank died): there is no collective left to join
+    with pytest.raises(RuntimeError, match="connection reset"):
+        list(source.iter_groups())
+    assert source.finish_after_failure() == 0 and entered == [1]
 
 
 class _RecordingLLM:

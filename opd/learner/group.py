@@ -15,6 +15,12 @@ class LearnerDied(RuntimeError):
     """A learner shard's actor died: the step cannot complete; the run restarts from its last checkpoint."""
 
 
+class WeightSendTimeout(TimeoutError):
+    """A weight sync outlived its deadline and its transfer group was aborted (NCCL has no timeout of its own):
+    the rollout workers are stuck in the receive, so the rollout group is replaced and the transfer group formed
+    again, as for a dead worker (`RolloutGroup.sync_weights`)."""
+
+
 PING_TIMEOUT_S = 30.0
 """How long `any_dead` waits for the shards' answers: a dead shard's ping fails within seconds (once Ray has seen
 the process go); a live one may be busy for longer, still working through the call's queued steps."""

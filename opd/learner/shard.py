@@ -239,7 +239,7 @@ class LearnerShard(Placed):
         if self.backend == "nccl":
             weight_sync.send_within(self.transfer, weight_sync.NCCL_SEND_TIMEOUT_S)
         else:  # gloo's group times out by itself; ipc waits on no peer over the wire
-            self.transfer.send_weights()
+            weight_sync.send_and_finish(self.transfer)
         seconds = time.perf_counter() - t0
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in self.transfer.source.metadata())
         return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,11 @@ class ZeroWeightSource(WeightSource):
     what those need with them (`also_gathered`).
     """
 
+    reached = 0
+    """Groups of the current iteration whose gather this rank has joined (`finish_after_failure`)."""
+    broken = False
+    """A gather itself failed (a peer rank gone): nothing is left to join."""
+
     def __init__(self, module: torch.nn.Module) -> None:
         self.params = dict(module.named_parameters())
 
@@ -35,12 +41,41 @@ class ZeroWeightSource(WeightSource):
             yield from zip(names, tensors, strict=True)
 
     def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-        import deepspeed
-
+        self.reached, self.broken = 0, False
         for names in self.groups():
             params = [self.params[n] for n in names]
-            with deepspeed.zero.GatheredParameters(params + self.also_gathered(names), modifier_rank=None):
+            self.reached += 1
+            with self.gathered(params + self.also_gathered(names)):
                 yield names, [self.tensor(n, p) for n, p in zip(names, params, strict=True)]
+
+    @contextlib.contextmanager
+    def gathered(self, params: list[torch.Tensor]) -> Iterator[None]:
+        """ZeRO-3's gather of `params` (a collective every rank joins), released on exit (locally)."""
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        try:
+            gather.__enter__()
+        except BaseException:
+            self.broken = True
+            raise
+        try:
+            yield
+        finally:
+            gather.__exit__(None, None, None)
+
+    def finish_after_failure(self) -> int:
+        """After a send stopped part-way (its transfer group aborted, a receiver gone), join the gathers of the
+        groups it never reached: every other learner rank goes through them all, and would otherwise wait in
+        the next one until the collective's timeout, with the learner unable to take any call. How many."""
+        if self.broken:
+            return 0
+        left = self.groups()[self.reached :]
+        for names in left:
+            with self.gathered([self.params[n] for n in names] + self.also_gathered(names)):
+                pass
+        self.reached += len(left)
+        return len(left)
 
     def also_gathered(self, names: list[str]) -> list[torch.Tensor]:
         """Parameters besides `names`' own that `tensor` reads (none here)."""

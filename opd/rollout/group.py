@@ -14,7 +14,7 @@ import ray
 from opd import plan
 from opd.buffer.sample import Sample
 from opd.data import Encoded
-from opd.learner.group import PING_TIMEOUT_S, any_dead
+from opd.learner.group import PING_TIMEOUT_S, WeightSendTimeout, any_dead
 from opd.partition import chunks
 from opd.rollout.worker import RolloutWorker
 
@@ -74,9 +74,10 @@ class RolloutGroup:
         """The learner's weights on every worker; the figures of the push that put them there.
 
         A worker found dead first (a broadcast to a dead peer would hang until the collective times out), or
-        by a push that failed, has the group replaced, and the replacement's push is the sync. Workers that hold
-        the learner's step already (async replaces a group after the learner's step, in `before_sync`) are sent
-        nothing again.
+        by a push that failed, has the group replaced, and the replacement's push is the sync; so has a push that
+        outlived its deadline (`WeightSendTimeout`: the transfer group was aborted with the workers stuck in the
+        receive). Workers that hold the learner's step already (async replaces a group after the learner's step,
+        in `before_sync`) are sent nothing again.
         """
         try:
             self.ready(timeout=120)
@@ -86,7 +87,9 @@ class RolloutGroup:
             return self.pushed
         try:
             return self.push()
-        except ray.exceptions.RayTaskError:  # the learner's send failed, the learner alive (else LearnerDied)
+        except ray.exceptions.RayTaskError as err:  # the learner's send failed, the learner alive (else LearnerDied)
+            if isinstance(err.cause, WeightSendTimeout):
+                return self.replace(f"{err.cause}")
             if not any_dead([w.ready.remote() for w in self.workers], PING_TIMEOUT_S):
                 raise
         return self.replace()
@@ -96,11 +99,12 @@ class RolloutGroup:
         self.pushed = self.learner.send_weights()
         return self.pushed
 
-    def replace(self) -> dict[str, float]:
-        """Replace every worker after one died, reconnect the learner and push its current weights (in async
-        the learner has stepped since the last sync: the workers take up its version); the push's figures."""
+    def replace(self, why: str = "a rollout worker died") -> dict[str, float]:
+        """Replace every worker after one died (or a sync stuck), reconnect the learner and push its current
+        weights (in async the learner has stepped since the last sync: the workers take up its version); the
+        push's figures."""
         self.restarts += 1
-        print(f"WARNING: a rollout worker died; restarting the rollout group (restart {self.restarts})", flush=True)
+        print(f"WARNING: {why}; restarting the rollout group (restart {self.restarts})", flush=True)
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = self.spawn()

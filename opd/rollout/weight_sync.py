@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -256,17 +256,34 @@ NCCL_SEND_TIMEOUT_S = 600.0
 def send_within(transfer: TrainerWeightTransferEngine, timeout_s: float) -> None:
     """`transfer.send_weights()`, aborting the transfer group if it has not finished in `timeout_s`.
 
-    NCCL has no timeout of its own: a broadcast to a dead engine would wait forever. vLLM's `shutdown` aborts the
-    communicator (ncclCommAbort), which ends the waiting broadcast; the learner must reconnect before the next sync.
+    NCCL has no timeout of its own: a broadcast to a stuck or dead engine would wait forever. vLLM's `shutdown`
+    aborts the communicator (ncclCommAbort), which ends the waiting broadcast; the send's thread is then waited for
+    (the source joins, on its way out, the gathers the other learner ranks wait in: `finish_after_failure`) and
+    `WeightSendTimeout` tells the driver to replace the rollout group and form the transfer group again.
     """
+    from opd.learner.group import WeightSendTimeout
+
     pool = ThreadPoolExecutor(max_workers=1)
+    sending = pool.submit(send_and_finish, transfer)
     try:
-        pool.submit(transfer.send_weights).result(timeout=timeout_s)
+        sending.result(timeout=timeout_s)
     except TimeoutError:
         transfer.shutdown()
-        raise TimeoutError(f"weight sync took over {timeout_s:.0f}s: its transfer group was aborted") from None
+        wait([sending], timeout=timeout_s)  # the aborted broadcast raises; the source then finishes its gathers
+        raise WeightSendTimeout(f"weight sync took over {timeout_s:.0f}s: its transfer group was aborted") from None
     finally:
         pool.shutdown(wait=False)
+
+
+def send_and_finish(transfer: TrainerWeightTransferEngine) -> None:
+    """`transfer.send_weights()`; if it stops part-way, the source still joins the gathers it did not reach."""
+    try:
+        transfer.send_weights()
+    except BaseException:
+        finish = getattr(transfer.source, "finish_after_failure", None)
+        if finish is not None:
+            finish()
+        raise
 
 
 def register() -> None:

@@ -149,8 +149,8 @@ def post(
     while True:
         if tries and now() + wait >= deadline:
             raise ServedTeacherError(
-                f"{where}: {error}; still failing after {tries} tr{'y' if tries == 1 else 'ies'} at the call's deadline "
-                f"({endpoint.deadline_s:g} s, faults.teacher_timeout_s)"
+                f"{where}: {error}; still failing after {tries} tr{'y' if tries == 1 else 'ies'} at the call's "
+                f"deadline ({endpoint.deadline_s:g} s, faults.teacher_timeout_s)"
             )
         if tries:
             pause(wait)

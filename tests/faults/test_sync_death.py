@@ -11,6 +11,7 @@ import pytest
 import ray
 from ray.exceptions import ActorDiedError, RayTaskError
 
+from opd.learner.group import WeightSendTimeout
 from tests.test_controller import FakeLearner, config, controller, fake_get, run
 
 
@@ -55,6 +56,32 @@ def test_a_worker_dying_mid_sync_is_replaced_and_the_run_goes_on_at_the_learners
     assert c.rollout.restarts == 1
     assert [m["policy_version"] for m in metrics] == [m["policy_version"] for m in expected]
     assert c.learner.trained == reference.learner.trained  # same prompts, sampled at the same versions
+    assert all(w.version == c.learner.step for w in c.rollout.workers)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_push_past_its_deadline_replaces_the_rollout_group_and_the_run_goes_on(mode, capsys):
+    """An NCCL sync aborted at its deadline (opd.rollout.weight_sync.send_within) leaves the workers stuck in the
+    receive, all alive: the group is replaced and the new one sent the weights, as for a dead worker."""
+
+    class Stuck(Learner):
+        def send_weights(self) -> dict[str, float]:
+            self.pushes.append((self.step, tuple(self.workers)))
+            if len(self.pushes) == 3:
+                err = WeightSendTimeout("weight sync took over 600s: its transfer group was aborted")
+                raise RayTaskError("send_weights", "Traceback", err).as_instanceof_cause()
+            return FakeLearner.send_weights(self)
+
+    reference = controller(config(mode))
+    expected = run(reference, range(1, 7))
+    c = controller(config(mode), learner=Stuck())
+    metrics = run(c, range(1, 7))
+    assert c.rollout.restarts == 1 and not any(w.dead for w in c.rollout.workers)
+    assert "WARNING: weight sync took over 600s: its transfer group was aborted; restarting the rollout group" in (
+        capsys.readouterr().out
+    )
+    assert [m["policy_version"] for m in metrics] == [m["policy_version"] for m in expected]
+    assert c.learner.trained == reference.learner.trained
     assert all(w.version == c.learner.step for w in c.rollout.workers)
 
 
