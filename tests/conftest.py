@@ -84,6 +84,19 @@ def qwen_teacher() -> Path:
     return ensure_builtin("qwen2.5-coder-0.5b-instruct", machine_cache())
 
 
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """A served teacher's waits between tries (opd/teachers/served_http.py), recorded instead of slept; the clock
+    its deadlines are measured on moves on by each as if it had been slept."""
+    from opd.teachers import served_http
+
+    seen: list[float] = []
+    clock = served_http.now
+    monkeypatch.setattr(served_http, "pause", seen.append)
+    monkeypatch.setattr(served_http, "now", lambda: clock() + sum(seen))
+    return seen
+
+
 @pytest.fixture(scope="session")
 def shared_ray() -> Iterator[str]:
     """One Ray cluster for the session's runs that kill nothing: each joins it as a job (`ray.address`) instead of

@@ -110,3 +110,26 @@ def test_prompt_files_load_as_conversations(smollm2_assets):
     assert (len(train), len(held_out)) == (200, 64)
     assert all(p.messages and p.answer is not None for p in train + held_out)
     assert not {p.text for p in train} & {p.text for p in held_out}
+
+
+def test_a_gguf_is_parsed_once_inside_parsed_once(tmp_path):
+    """transformers opens the GGUF three times when converting (tokenizer, config, weights); inside `parsed_once`
+    they share one reader, and outside it every open parses again."""
+    import gguf
+    import numpy as np
+
+    from opd.pretrained import parsed_once
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("test.value", 7)
+    writer.add_tensor("w", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with parsed_once():
+        first, again = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is again and first.fields["test.value"].contents() == 7
+    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first

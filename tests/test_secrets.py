@@ -101,10 +101,7 @@ def auth_server():
         yield server
 
 
-def test_credentials_in_a_served_url_become_basic_auth_and_errors_do_not_show_them(auth_server, monkeypatch):
-    from opd.teachers import served
-
-    monkeypatch.setattr(served.time, "sleep", lambda s: None)
+def test_credentials_in_a_served_url_become_basic_auth_and_errors_do_not_show_them(auth_server, waits):
     t = TeacherConfig(
         name="s", model="m", backend="openai", url=f"http://me:{PASSWORD}@127.0.0.1:{auth_server.server_port}/v1"
     )

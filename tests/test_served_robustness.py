@@ -85,16 +85,6 @@ def serve() -> Iterator[Callable[..., tuple[str, type[_Canned]]]]:
         yield start
 
 
-@pytest.fixture
-def waits(monkeypatch) -> list[float]:
-    """The waits between tries, recorded instead of slept; the deadlines' clock moves on by each as if slept."""
-    seen: list[float] = []
-    clock = served_http.now
-    monkeypatch.setattr(served_http, "pause", seen.append)
-    monkeypatch.setattr(served_http, "now", lambda: clock() + sum(seen))
-    return seen
-
-
 def _row(entries: dict[int, tuple[float, int]]) -> dict:
     return {str(k): {"logprob": lp, "rank": rank} for k, (lp, rank) in entries.items()}
 

@@ -13,7 +13,7 @@ from opd import plan
 from opd.config import ConfigError, TeacherConfig
 from opd.config.models import check_teachers
 from opd.licenses import license_problems
-from opd.teachers import served, served_http
+from opd.teachers import served
 from opd.teachers.served import Endpoint, ServedClient, ServedTeacherError
 from tests.stack import http_server
 
@@ -168,11 +168,7 @@ def stub():
         yield server
 
 
-def test_the_client_retries_server_errors_and_fails_at_once_on_a_refused_request(stub, monkeypatch):
-    waited: list[float] = []
-    clock = served_http.now
-    monkeypatch.setattr(served_http, "pause", waited.append)
-    monkeypatch.setattr(served_http, "now", lambda: clock() + sum(waited))
+def test_the_client_retries_server_errors_and_fails_at_once_on_a_refused_request(stub, waits):
     endpoint = Endpoint(f"http://127.0.0.1:{stub.server_port}/v1", "m", "k", 2, 5.0, deadline_s=5.0)
     assert "k'" not in repr(endpoint) and "api_key" not in repr(endpoint)
     client = ServedClient(endpoint)
@@ -180,7 +176,7 @@ def test_the_client_retries_server_errors_and_fails_at_once_on_a_refused_request
     _Stub.status, _Stub.tries = 503, 0
     with pytest.raises(ServedTeacherError, match="HTTP 503"):
         client.score([[1]], [[2]], 1)
-    assert _Stub.tries == 3 and waited == [1.0, 2.0]  # the next wait, 4 s, would pass the 5 s deadline
+    assert _Stub.tries == 3 and waits == [1.0, 2.0]  # the next wait, 4 s, would pass the 5 s deadline
     _Stub.status, _Stub.tries = 400, 0
     with pytest.raises(ServedTeacherError, match="HTTP 400"):
         client.sample([[1]], 1, 4, 0.0, None, [0])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from opd import checkpoint
-from tests.stack import ROOT, start, stopped_after, tiny_overrides
+from tests.stack import ROOT, free_port, start, stopped_after, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +24,8 @@ KEY_ENV, KEY = "OPD_TEST_SERVED_KEY", "sk-served-test-0123456789"
 TOP_K = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_assets):
-    """The tiny teacher served by vLLM (CPU, float32) behind an API key; killed (its whole session) at the end."""
-    port, model = _free_port(), str(tiny_assets["teacher"])
+def _serve(model: str, port: int) -> subprocess.Popen:
+    """The tiny teacher served by vLLM (CPU, float32) behind an API key, healthy."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
@@ -42,22 +33,38 @@ def server(tiny_assets):
         "--logprobs-mode", "processed_logprobs", "--api-key", KEY, "--port", str(port), "--host", "127.0.0.1",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the vLLM server was not healthy within 240 s"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_assets):
+    """One server for the module's tests; killed (its whole session) at the end."""
+    port, model = free_port(), str(tiny_assets["teacher"])
+    handle = {"url": f"http://127.0.0.1:{port}/v1", "model": model, "port": port, "proc": _serve(model, port)}
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the vLLM server was not healthy within 240 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "model": model, "proc": proc}
+        yield handle
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if handle["proc"].poll() is None:
+            os.killpg(handle["proc"].pid, signal.SIGKILL)
+        handle["proc"].wait()
+
+
+@pytest.fixture
+def server(served):
+    """The module's server, started again if a test before this one killed it (the outage test does), so the
+    tests pass in any order."""
+    if served["proc"].poll() is not None:
+        served["proc"] = _serve(served["model"], served["port"])
+    return served
 
 
 IN_PROCESS = """
@@ -129,7 +136,7 @@ def test_a_run_distils_through_the_server_and_stops_clearly_when_it_dies(server,
         "data.eval_size=8",
         "eval.samples_per_prompt=1",
         "faults.teacher_retries=1",
-        "faults.teacher_timeout_s=60",
+        "faults.teacher_timeout_s=5",  # a dead server's requests are retried until this deadline, then the call
     ]
     monkeypatch.setenv(KEY_ENV, KEY)
     proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
