@@ -1,6 +1,6 @@
 """A seeded schedule of faults injected into the built-in demo; each run compared with the same run left alone.
 
-    python bench/chaos.py                          # seed 0, 10 rounds: about 12 minutes on 2 cores
+    python bench/chaos.py                          # seed 0, 10 rounds: about 9 minutes on 2 cores
     python bench/chaos.py seed=3 rounds=12 out=outputs/bench/chaos3
     python bench/chaos.py learner.lr=1e-3          # any other key=value overrides every run
 
