@@ -40,8 +40,12 @@ class ZeroWeightSource(WeightSource):
         for names, tensors in self.iter_groups():
             yield from zip(names, tensors, strict=True)
 
-    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+    def start_send(self) -> None:
+        """A send begins: none of its gathers joined yet (a send that fails before its first one owes them all)."""
         self.reached, self.broken = 0, False
+
+    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        self.start_send()
         for names in self.groups():
             params = [self.params[n] for n in names]
             self.reached += 1

@@ -276,13 +276,16 @@ def send_within(transfer: TrainerWeightTransferEngine, timeout_s: float) -> None
 
 
 def send_and_finish(transfer: TrainerWeightTransferEngine) -> None:
-    """`transfer.send_weights()`; if it stops part-way, the source still joins the gathers it did not reach."""
+    """`transfer.send_weights()`; if it stops part-way, or before its first gather (a worker's RPC failed), the
+    source (`opd.learner.weights.ZeroWeightSource`) still joins the gathers it did not reach."""
+    source = transfer.source
+    if hasattr(source, "start_send"):
+        source.start_send()
     try:
         transfer.send_weights()
     except BaseException:
-        finish = getattr(transfer.source, "finish_after_failure", None)
-        if finish is not None:
-            finish()
+        if hasattr(source, "finish_after_failure"):
+            source.finish_after_failure()
         raise
 
 
