@@ -80,9 +80,13 @@ def main(argv: list[str]) -> None:
             f"combine.routes.{b}={ta}",
         ],
     )
-    routed, swapped = run(routed_cfg), run(swapped_cfg)
+    report(run(routed_cfg)["final"], run(swapped_cfg)["final"], routes, routed_cfg.data.eval_size)
+
+
+def report(routed: dict, swapped: dict, routes: dict[str, str], eval_size: int) -> None:
+    """The table and the one-line result, from the two runs' final figures (summary.json's `final`)."""
     total = sum(routed["teacher_signal_share"].values()) or 1.0
-    print(f"\nheld-out prompts per domain: {routed_cfg.data.eval_size}")
+    print(f"\nheld-out prompts per domain: {eval_size}")
     print(f"{'domain':<16}{'teacher':<10}{'accuracy':>9}{'other':>8}{'student':>9}{'after':>8}{'share':>8}")
     line = ["route"]
     for domain, teacher in routes.items():

@@ -25,6 +25,7 @@ from opd.monitoring import Monitor
 from opd.partition import chunks
 from opd.rollout.group import Launch
 from opd.schedule import AsyncSchedule, Ready, SyncSchedule
+from opd.teachers.combine import generate_routed
 
 
 def _assigned(prompts: list[Encoded]) -> dict[str, str]:
@@ -242,10 +243,8 @@ class Controller:
         """mode=offline: the teacher writes the round's responses, the student imitates them."""
         cfg, t0 = self.cfg.rollout, time.perf_counter()
         prompts = self.next_prompts(cfg.prompts_per_round)
-        ids = [e.ids for e in prompts]
-        outs = self.teachers.generate(
-            ids, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, None, [e.prompt for e in prompts]
-        )
+        n, combine = cfg.samples_per_prompt, self.cfg.combine  # under route, each prompt by its own teacher
+        outs = generate_routed(self.teachers, combine, prompts, n, cfg.max_new_tokens, cfg.temperature, None)
         return Launch.done(prompts, teacher_written(prompts, outs, self.version), time.perf_counter() - t0)
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 from opd.buffer.sample import Sample, teacher_written
 from opd.data import Encoded
 from opd.grading import pass_at_k
-from opd.teachers.combine import routed_teacher
+from opd.teachers.combine import generate_routed
 from opd.teachers.feedback import prompts_of, reverse_kl
 from opd.teachers.judge import Verifier, run_verifier
 
@@ -75,30 +75,12 @@ class Evaluator:
         combine.rule=route each prompt's answer is its own routed teacher's, else the first teacher's."""
         out = {}
         for name, prompts in self.sets.items():
-            outs: list = [None] * len(prompts)
-            for teacher, idx in self.answering(prompts).items():
-                part = [prompts[i] for i in idx]
-                answers = self.teachers.generate(
-                    [e.ids for e in part], 1, self.cfg.rollout.max_new_tokens, 0.0, None, [e.prompt for e in part],
-                    teacher,
-                )  # fmt: skip
-                for i, answer in zip(idx, answers, strict=True):
-                    outs[i] = answer
+            max_tokens = self.cfg.rollout.max_new_tokens
+            outs = generate_routed(self.teachers, self.cfg.combine, prompts, 1, max_tokens, 0.0, None)
             correct = self.grade(prompts, teacher_written(prompts, outs, 0))
             if correct is not None:
                 out[f"{prefix(name)}teacher_accuracy"] = sum(correct) / len(correct)
         return out
-
-    def answering(self, prompts: list[Encoded]) -> dict[str | None, list[int]]:
-        """Teacher -> the indices of the prompts it answers (None: the pool's first teacher)."""
-        combine = self.cfg.combine
-        if combine.rule != "route":
-            return {None: list(range(len(prompts)))}
-        groups: dict[str | None, list[int]] = {}
-        for i, e in enumerate(prompts):
-            teacher = routed_teacher(combine, e.prompt)
-            groups.setdefault(teacher, []).append(i)
-        return groups
 
     def grade(self, prompts: list[Encoded], samples: list[Sample]) -> list[bool] | None:
         """Whether each response is correct; None when the prompts carry no answers."""

@@ -183,3 +183,31 @@ def test_validation(signals):
     bad_shape = Scored(np.zeros(2, np.float32), np.zeros((2, 2), np.int64), np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="'bad'"):
         mixture({"A": signals["A"], "bad": bad_shape}, vocab_size=V, top_k=2)
+
+
+def test_teachers_write_for_the_prompts_routed_to_them_and_the_answers_keep_the_prompts_order():
+    """Offline KD's responses and the teacher accuracy (opd.teachers.combine.generate_routed): under route each
+    prompt goes to its domain's teacher, one call per teacher; under any other rule all go to the first."""
+    from types import SimpleNamespace
+
+    from opd.data import Encoded, Prompt
+    from opd.teachers.combine import generate_routed
+
+    class Pool:
+        def __init__(self) -> None:
+            self.asked: list[tuple[str | None, list[int]]] = []
+
+        def generate(self, ids, n, max_tokens, temperature, seed, prompts, name=None):
+            self.asked.append((name, [i[0] for i in ids]))
+            return [f"{name}:{i[0]}" for i in ids]
+
+    prompts = [Encoded(Prompt(i, f"q{i}", None, {"domain": d}), [i]) for i, d in enumerate("abba")]
+    route = SimpleNamespace(rule="route", route_field="domain", routes={"a": "qwen", "b": "smollm2"}, default=None)
+    pool = Pool()
+    assert generate_routed(pool, route, prompts, 4, 8, 1.0, None) == ["qwen:0", "smollm2:1", "smollm2:2", "qwen:3"]
+    assert pool.asked == [("qwen", [0, 3]), ("smollm2", [1, 2])]
+    pool = Pool()
+    assert generate_routed(pool, SimpleNamespace(rule="mixture"), prompts, 4, 8, 1.0, None) == [
+        f"None:{i}" for i in range(4)
+    ]
+    assert pool.asked == [(None, [0, 1, 2, 3])]

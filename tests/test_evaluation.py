@@ -44,11 +44,16 @@ class Rollout:
 
 
 class Teachers:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str | None, list[int]]] = []
+        """(teacher, prompt ids) of each `generate`."""
+
     def score(self, samples, top_k, prompts):
         for s in samples:
             s.teacher_logprobs = s.logprobs - 0.5
 
     def generate(self, ids, n, max_tokens, temperature, seed, prompts, name=None):
+        self.asked.append((name, [i[0] for i in ids]))
         answer = {None: "7", "sevens": "7", "nines": "9"}[name]  # the first teacher ("sevens") answers 7, "nines" 9
         return [[(np.asarray([ord(answer)]), np.zeros(1))] for _ in ids]
 
@@ -109,9 +114,10 @@ def test_under_route_each_prompt_is_answered_by_its_own_teacher():
     route.combine = SimpleNamespace(
         rule="route", route_field="domain", routes={"a": "sevens", "b": "nines"}, default=None
     )
-    ev = Evaluator(route, sets, Rollout({}), Teachers(), None, Tokenizer(), get_verifier("exact_answer"))
-    assert ev.answering(sets[""]) == {"sevens": [0, 3], "nines": [1, 2]}
+    teachers = Teachers()
+    ev = Evaluator(route, sets, Rollout({}), teachers, None, Tokenizer(), get_verifier("exact_answer"))
     assert ev.teacher_accuracy() == {"eval/teacher_accuracy": 0.5}  # the "nines" teacher's two prompts only
+    assert teachers.asked == [("sevens", [0, 3]), ("nines", [1, 2])]
     first = Evaluator(cfg(), sets, Rollout({}), Teachers(), None, Tokenizer(), get_verifier("exact_answer"))
     assert first.teacher_accuracy() == {"eval/teacher_accuracy": 0.0}  # without routing: the first teacher's 7s
 

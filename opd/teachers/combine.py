@@ -244,6 +244,26 @@ def routed_teacher(combine, prompt) -> str:
     return route_teacher(prompt.fields, combine.route_field, combine.routes, combine.default)
 
 
+def generate_routed(
+    pool, combine, prompts: list, n: int, max_tokens: int, temperature: float, seed: int | None
+) -> list:
+    """The teachers' own samples for encoded prompts (`TeacherPool.generate`), in input order: under
+    combine.rule=route each prompt's by the teacher it is routed to, under any other rule all by the first teacher.
+    Offline KD's training responses and the held-out teacher accuracy both come from here."""
+    groups: dict[str | None, list[int]] = {}
+    for i, e in enumerate(prompts):
+        groups.setdefault(routed_teacher(combine, e.prompt) if combine.rule == "route" else None, []).append(i)
+    outs: list = [None] * len(prompts)
+    for teacher, idx in groups.items():
+        part = [prompts[i] for i in idx]
+        answers = pool.generate(
+            [e.ids for e in part], n, max_tokens, temperature, seed, [e.prompt for e in part], teacher
+        )
+        for i, answer in zip(idx, answers, strict=True):
+            outs[i] = answer
+    return outs
+
+
 def pick_best(scores: Mapping[str, float], order: Sequence[str]) -> str:
     """Name with the highest score; ties go to the earlier name in `order`, NaN never wins.
 
