@@ -187,7 +187,8 @@ def test_validation(signals):
 
 def test_teachers_write_for_the_prompts_routed_to_them_and_the_answers_keep_the_prompts_order():
     """Offline KD's responses and the teacher accuracy (opd.teachers.combine.generate_routed): under route each
-    prompt goes to its domain's teacher, one call per teacher; under any other rule all go to the first."""
+    prompt goes to the teacher `encode` routed it to, one call per teacher; under any other rule all go to the
+    first."""
     from types import SimpleNamespace
 
     from opd.data import Encoded, Prompt
@@ -201,8 +202,8 @@ def test_teachers_write_for_the_prompts_routed_to_them_and_the_answers_keep_the_
             self.asked.append((name, [i[0] for i in ids]))
             return [f"{name}:{i[0]}" for i in ids]
 
-    prompts = [Encoded(Prompt(i, f"q{i}", None, {"domain": d}), [i]) for i, d in enumerate("abba")]
     route = SimpleNamespace(rule="route", route_field="domain", routes={"a": "qwen", "b": "smollm2"}, default=None)
+    prompts = [Encoded(Prompt(i, f"q{i}", None, {"domain": d}), [i], route.routes[d]) for i, d in enumerate("abba")]
     pool = Pool()
     assert generate_routed(pool, route, prompts, 4, 8, 1.0, None) == ["qwen:0", "smollm2:1", "smollm2:2", "qwen:3"]
     assert pool.asked == [("qwen", [0, 3]), ("smollm2", [1, 2])]

@@ -109,11 +109,12 @@ def test_pass_at_k_samples_at_eval_temperature_and_top_p_only_when_they_differ()
 
 
 def test_under_route_each_prompt_is_answered_by_its_own_teacher():
-    sets = {"": [Encoded(Prompt(i, f"q{i}", "9", {"domain": d}), [i]) for i, d in enumerate(["a", "b", "b", "a"])]}
     route = cfg()
     route.combine = SimpleNamespace(
         rule="route", route_field="domain", routes={"a": "sevens", "b": "nines"}, default=None
     )
+    routed = [("a", "sevens"), ("b", "nines"), ("b", "nines"), ("a", "sevens")]  # as `encode` routes them
+    sets = {"": [Encoded(Prompt(i, f"q{i}", "9", {"domain": d}), [i], t) for i, (d, t) in enumerate(routed)]}
     teachers = Teachers()
     ev = Evaluator(route, sets, Rollout({}), teachers, None, Tokenizer(), get_verifier("exact_answer"))
     assert ev.teacher_accuracy() == {"eval/teacher_accuracy": 0.5}  # the "nines" teacher's two prompts only

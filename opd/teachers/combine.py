@@ -248,11 +248,12 @@ def generate_routed(
     pool, combine, prompts: list, n: int, max_tokens: int, temperature: float, seed: int | None
 ) -> list:
     """The teachers' own samples for encoded prompts (`TeacherPool.generate`), in input order: under
-    combine.rule=route each prompt's by the teacher it is routed to, under any other rule all by the first teacher.
-    Offline KD's training responses and the held-out teacher accuracy both come from here."""
+    combine.rule=route each prompt's by the teacher `encode` routed it to (`Encoded.teacher`), under any other rule
+    (best_of's judged assignments included) all by the first teacher. Offline KD's training responses and the
+    held-out teacher accuracy both come from here."""
     groups: dict[str | None, list[int]] = {}
     for i, e in enumerate(prompts):
-        groups.setdefault(routed_teacher(combine, e.prompt) if combine.rule == "route" else None, []).append(i)
+        groups.setdefault(e.teacher if combine.rule == "route" else None, []).append(i)
     outs: list = [None] * len(prompts)
     for teacher, idx in groups.items():
         part = [prompts[i] for i in idx]
