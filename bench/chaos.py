@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.chaos_served import Proxy, Server  # noqa: E402
-from tests.stack import kill_session, session_pids, start, stopped_after, summary_of  # noqa: E402
+from tests.stack import killed_while_saving, session_pids, start, stopped_after, summary_of  # noqa: E402
 
 OWN = ("seed=", "rounds=", "out=")
 """The bench's own arguments; every other `key=value` is a config override."""
@@ -141,7 +141,9 @@ def under_faults(args: list[str], out: Path, faults: list[Fault], hit: Callable[
         for fault in faults:
             print(f"  round {fault.round:2d}  {fault.kind} ...", end=" ", flush=True)
             if fault.kind == KILLED_SAVING:
-                killed_while_saving(proc, out, fault)
+                tmp = killed_while_saving(proc, out, fault.round, timeout=1800)
+                fault.injected = True
+                fault.note = f"killed while {tmp.name} was being written; resumed with resume=auto"
                 proc = start([*args, "resume=auto"], stdout=f, stderr=subprocess.STDOUT)
             else:
                 stopped_after(proc, out, fault.round)
@@ -159,19 +161,6 @@ def under_faults(args: list[str], out: Path, faults: list[Fault], hit: Callable[
         print(f"the run under faults failed ({rc}): {log}\n{text[-3000:]}", flush=True)
         return None
     return summary_of(text)
-
-
-def killed_while_saving(proc: subprocess.Popen, out: Path, fault: Fault) -> None:
-    """SIGKILL every process of the run while the fault's round is being checkpointed (its .tmp is there)."""
-    tmp = out / "checkpoints" / f"round_{fault.round:06d}.tmp"
-    deadline = time.time() + 1800
-    while not tmp.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"the run ended or stalled before writing round {fault.round}'s checkpoint")
-        time.sleep(0.005)
-    kill_session(proc.pid)
-    proc.wait()
-    fault.injected, fault.note = True, f"killed while {tmp.name} was being written; resumed with resume=auto"
 
 
 def trained(summary: dict) -> dict[int, float]:

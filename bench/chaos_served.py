@@ -7,7 +7,6 @@ import collections
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,15 +14,12 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.stack import free_port
-
-TOP_LOGPROBS = 20
-"""The server's --max-logprobs: at least the demo's loss.top_k (16)."""
+from tests.stack import free_port, vllm_server
 
 
 class Server:
-    """`python -m vllm.entrypoints.openai.api_server` for `model` on 127.0.0.1 (CPU, float32, the demo's context);
-    its output appended to `log`. `start()` waits until it answers /health."""
+    """vLLM's OpenAI server for `model` on 127.0.0.1 (`tests.stack.vllm_server`: its --max-logprobs 20 covers the
+    demo's loss.top_k of 16) at the demo's context, on a port kept across restarts; its output appended to `log`."""
 
     def __init__(self, model: Path, log: Path) -> None:
         self.model, self.log, self.port = str(model), log, free_port()
@@ -33,27 +29,11 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 600) -> float:
+    def start(self) -> float:
         """Seconds it took to answer /health."""
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--dtype", "float32",
-            "--enforce-eager", "--max-model-len", "128", "--max-logprobs", str(TOP_LOGPROBS),
-            "--logprobs-mode", "processed_logprobs", "--port", str(self.port), "--host", "127.0.0.1",
-        ]  # fmt: skip
         t0 = time.time()
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the vLLM server exited ({self.proc.returncode}): {self.log}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.time() - t0
-            except OSError:
-                time.sleep(1)
-        raise SystemExit(f"the vLLM server was not healthy within {timeout:.0f} s: {self.log}")
+        self.proc = vllm_server(self.model, self.port, ["--max-model-len", "128"], self.log, timeout=600)
+        return time.time() - t0
 
     def stop(self) -> None:
         """SIGKILL its whole session: the API server and its engine process."""

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,6 +58,30 @@ def ray_node(*args: str, env: dict[str, str] | None = None, timeout: float = 300
         proc.wait()
         log.close()
         os.unlink(log.name)
+
+
+def vllm_server(model: str, port: int, flags: list[str], log: Path, timeout: float = 240) -> subprocess.Popen:
+    """vLLM's OpenAI-compatible server for `model` on 127.0.0.1:`port` (CPU, float32, eager; log-probs as opd's
+    engines give them), in a session of its own (kill that to stop it), its output appended to `log`; returned
+    once it answers /health. `flags`: the server's further flags (context, API key)."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
+        "--enforce-eager", "--max-logprobs", "20", "--logprobs-mode", "processed_logprobs", "--port", str(port),
+        "--host", "127.0.0.1", *flags,
+    ]  # fmt: skip
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, f"the vLLM server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"the vLLM server was not healthy within {timeout:.0f} s: {log}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
 
 
 @contextlib.contextmanager
@@ -131,6 +156,23 @@ def stopped_after(proc: subprocess.Popen, out: Path, round_: int, timeout: float
     os.kill(proc.pid, signal.SIGSTOP)
     done, rounds = checkpoint.latest(out), OmegaConf.load(out / "config.yaml").rounds
     assert done is not None and checkpoint.load(done)["round"] < rounds, f"stopped too late, at {done}"
+
+
+def killed_while_saving(proc: subprocess.Popen, out: Path, round_: int, timeout: float = 900) -> Path:
+    """SIGKILL every process of a run's session (driver, Ray, actors, engines) while the checkpoint of `round_` is
+    being written: its `.tmp` directory is there, the learner shards writing their ZeRO state into it. Fails if the
+    run ends, or does not begin that checkpoint within `timeout`, first; returns the `.tmp` directory."""
+    tmp = out / "checkpoints" / f"round_{round_:06d}.tmp"
+    try:
+        deadline = time.time() + timeout
+        while not tmp.exists():
+            assert proc.poll() is None, f"the run ended before writing round {round_}'s checkpoint"
+            assert time.time() < deadline, f"round {round_}'s checkpoint was not begun within {timeout:.0f}s"
+            time.sleep(0.005)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    return tmp
 
 
 def run_with_fault(args: list[str], out: Path, fault, round_: int = 2) -> tuple[dict, str]:

@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from opd import checkpoint
-from tests.stack import ROOT, free_port, start, stopped_after, tiny_overrides
+from tests.stack import ROOT, free_port, start, stopped_after, tiny_overrides, vllm_server
 
 pytestmark = pytest.mark.integration
 
@@ -24,32 +23,18 @@ KEY_ENV, KEY = "OPD_TEST_SERVED_KEY", "sk-served-test-0123456789"
 TOP_K = 5
 
 
-def _serve(model: str, port: int) -> subprocess.Popen:
-    """The tiny teacher served by vLLM (CPU, float32) behind an API key, healthy."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
-        "--enforce-eager", "--gpu-memory-utilization", "0.1", "--max-model-len", "256", "--max-logprobs", "20",
-        "--logprobs-mode", "processed_logprobs", "--api-key", KEY, "--port", str(port), "--host", "127.0.0.1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the vLLM server was not healthy within 240 s"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(1)
+def _serve(model: str, port: int, log: Path) -> subprocess.Popen:
+    """The tiny teacher served by vLLM behind an API key, healthy."""
+    flags = ["--gpu-memory-utilization", "0.1", "--max-model-len", "256", "--api-key", KEY]
+    return vllm_server(model, port, flags, log)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_assets):
+def served(tiny_assets, tmp_path_factory):
     """One server for the module's tests; killed (its whole session) at the end."""
-    port, model = free_port(), str(tiny_assets["teacher"])
-    handle = {"url": f"http://127.0.0.1:{port}/v1", "model": model, "port": port, "proc": _serve(model, port)}
+    port, model, log = free_port(), str(tiny_assets["teacher"]), tmp_path_factory.mktemp("served") / "server.log"
+    handle = {"url": f"http://127.0.0.1:{port}/v1", "model": model, "port": port, "log": log}
+    handle["proc"] = _serve(model, port, log)
     try:
         yield handle
     finally:
@@ -63,7 +48,7 @@ def server(served):
     """The module's server, started again if a test before this one killed it (the outage test does), so the
     tests pass in any order."""
     if served["proc"].poll() is not None:
-        served["proc"] = _serve(served["model"], served["port"])
+        served["proc"] = _serve(served["model"], served["port"], served["log"])
     return served
 
 

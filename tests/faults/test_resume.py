@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from opd import checkpoint
 from opd.buffer import spill
-from tests.stack import COSINE, kill_session, launch, run_with_fault, start
+from tests.stack import COSINE, killed_while_saving, launch, run_with_fault, start
 from tests.stack import checkpointed_overrides as overrides
 
 pytestmark = pytest.mark.integration
@@ -49,21 +48,10 @@ ASYNC_SHARDED = (
 
 
 def killed_while_checkpointing(args: list[str], out: Path, round_: int) -> None:
-    """Run launch.py and SIGKILL every process of its session (driver, Ray, actors, engines) while the checkpoint
-    of `round_` is being written: its `.tmp` directory is there, the learner shards writing their ZeRO state into
-    it. (tests/test_checkpoint.py kills a save at each of its points; this is the whole stack.)"""
-    tmp = out / "checkpoints" / f"round_{round_:06d}.tmp"
+    """Run launch.py and kill it whole while the checkpoint of `round_` is being written (tests/test_checkpoint.py
+    kills a save at each of its points; this is the whole stack)."""
     with open(out.parent / f"{out.name}-killed.log", "w") as log:
-        proc = start(args, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 900
-            while not tmp.exists():
-                assert proc.poll() is None, f"the run ended before writing round {round_}'s checkpoint"
-                assert time.time() < deadline, f"round {round_}'s checkpoint was not begun within 900s"
-                time.sleep(0.005)
-        finally:
-            kill_session(proc.pid)
-            proc.wait()
+        killed_while_saving(start(args, stdout=log, stderr=subprocess.STDOUT), out, round_)
 
 
 def copied_after_checkpoint(args: list[str], out: Path, round_: int, copy: Path) -> dict:
