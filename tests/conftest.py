@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.stack import COSINE, checkpointed_overrides, free_port, launch, ray_node
+from opd.catalog import QWEN_05B, SMOLLM2
+from tests.stack import COSINE, ROOT, checkpointed_overrides, free_port, launch, ray_node
+
+BUILDER = pytest.StashKey[subprocess.Popen]()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -62,6 +68,43 @@ def machine_cache() -> Path:
     its versioned name, built atomically and, where fetched, checked against pinned hashes, so a later session
     reuses it as it is; a fresh machine (CI) builds it once."""
     return Path(os.environ.get("OPD_TEST_CACHE", Path.home() / ".cache" / "opd-tests"))
+
+
+MACHINE_SETS = {"smollm2_assets": SMOLLM2, "qwen_teacher": QWEN_05B}
+"""The fixtures that read built-in sets from the machine's cache, and the set each needs."""
+
+
+def pytest_collection_finish(session) -> None:
+    """Build the machine-cached sets the selected tests need, and do not have yet, in the background (dequantizing
+    GGUFs, 1-2 min on a fresh machine) while the tests that do not need them run. A fixture that needs a set before
+    it is built waits on the set's lock (`opd.assets.ensure_set`); one whose build failed builds it again itself,
+    and fails with the error."""
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # one worker builds; the other waits on the set's lock if it needs it first
+    needed = {MACHINE_SETS[f] for item in session.items for f in getattr(item, "fixturenames", ()) if f in MACHINE_SETS}
+    missing = [group for group in (SMOLLM2, QWEN_05B) if group in needed and not built(group)]
+    if missing:
+        machine_cache().mkdir(parents=True, exist_ok=True)
+        log = open(machine_cache() / "build.log", "w")  # noqa: SIM115 (the builder's, closed below)
+        code = "import sys; from pathlib import Path; from opd.assets import ensure_set\n"
+        code += "for group in sys.argv[2:]: ensure_set(group, Path(sys.argv[1]))"
+        cmd = [sys.executable, "-c", code, str(machine_cache()), *missing]
+        session.config.stash[BUILDER] = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+
+def pytest_sessionfinish(session) -> None:
+    """A builder still running when the session ends early (`-x`) is stopped; its temp dir is swept next time."""
+    builder = session.config.stash.get(BUILDER, None)
+    if builder is not None and builder.poll() is None:
+        os.killpg(builder.pid, signal.SIGKILL)
+        builder.wait()
+
+
+def built(group: str) -> bool:
+    return (machine_cache() / group / "meta.json").is_file()
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +172,41 @@ def pytest_addoption(parser) -> None:
     )
 
 
+OWN_RAY = ("tests/faults/test_actor_faults.py", "tests/faults/test_resume.py", "tests/test_served_teacher.py")
+"""Modules with runs on a Ray of their own (launch.py's local `ray.init`, killed with the run): its dashboard agent
+takes a fixed port (52365), so two at once would collide."""
+WITH_OWN_RAY = (*OWN_RAY, "tests/test_exports.py")
+"""Run one after another by `make test`'s two workers: the `OWN_RAY` modules, and test_exports.py, which reads
+test_resume.py's uninterrupted run (`cosine_run`)."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s two workers (pytest-xdist) take whole modules, so a module's fixtures are built once, by the
+    worker that runs all its tests; the `WITH_OWN_RAY` modules are one unit between them. Units are handed out in
+    the order of `pytest_collection_modifyitems` (`--no-loadscope-reorder`)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "own-ray" if module in WITH_OWN_RAY else module
+
+    return ByModule(config, log)
+
+
 def pytest_collection_modifyitems(config, items: list) -> None:
+    """Longest work first, so `make test`'s two workers end together: the integration tests, from the runs on a Ray
+    of their own (the longest unit of work) to those that read the machine-cached sets (built meanwhile in the
+    background), then the unit tests, many short modules that fill whichever worker frees first. `--order`
+    reorders from there."""
+
+    def rank(item) -> tuple[bool, bool, bool]:
+        unit = item.get_closest_marker("integration") is None
+        own = item.nodeid.split("::")[0] in OWN_RAY
+        return unit, not own, any(f in MACHINE_SETS for f in item.fixturenames)
+
+    items.sort(key=rank)
     order = config.getoption("--order")
     if order == "reverse":
         items.reverse()
@@ -137,3 +214,12 @@ def pytest_collection_modifyitems(config, items: list) -> None:
         random.Random(int(order.removeprefix("shuffle:"))).shuffle(items)
     elif order != "file":
         raise pytest.UsageError(f"--order={order}: expected file, reverse or shuffle:SEED")
+
+
+def pytest_configure(config) -> None:
+    """A worker of `make test` computes on one thread: two workers' torch thread pools on two cores, each waiting
+    for a thread the other worker's process holds, made some unit tests 60 times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
