@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -rs --durations=15 -n 2 --no-loadscope-reorder tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not integration" tests
+	$(PY) -m pytest -q -n 2 --no-loadscope-reorder -m "not integration" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
