@@ -82,7 +82,7 @@ def pytest_collection_finish(session) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
         return  # one worker builds; the other waits on the set's lock if it needs it first
     needed = {MACHINE_SETS[f] for item in session.items for f in getattr(item, "fixturenames", ()) if f in MACHINE_SETS}
-    missing = [group for group in (SMOLLM2, QWEN_05B) if group in needed and not built(group)]
+    missing = [group for group in dict.fromkeys(MACHINE_SETS.values()) if group in needed and not built(group)]
     if missing:
         machine_cache().mkdir(parents=True, exist_ok=True)
         log = open(machine_cache() / "build.log", "w")  # noqa: SIM115 (the builder's, closed below)
