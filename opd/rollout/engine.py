@@ -134,6 +134,7 @@ def make_llm(model: str, engine, seed: int, **extra):
         extra.setdefault("distributed_executor_backend", "mp")
     if engine.kv_cache_memory_bytes is not None:
         extra.setdefault("kv_cache_memory_bytes", engine.kv_cache_memory_bytes)
+    settings = device_settings(engine, devices.reserved_gpus())
     if not torch.cuda.is_available():
         # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a step ends partway through a
         # seeded request's prompt and discards its sampled token: every opd sampling call is seeded, and 256
@@ -142,9 +143,8 @@ def make_llm(model: str, engine, seed: int, **extra):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.cpu_kv_cache_gib))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if engine.cpu_in_process else "1"
-    settings = device_settings(engine, devices.reserved_gpus())
-    if settings["enforce_eager"] and not torch.cuda.is_available():
-        eager_start_up()
+        if settings["enforce_eager"]:
+            eager_start_up()
     with devices.one_start_per_gpu(devices.assigned_gpus()):  # engines sharing a GPU start one at a time
         return LLM(
             model=model,
